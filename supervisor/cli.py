@@ -1,0 +1,227 @@
+"""The `supervisor` command. Heavy modules (celery, apprise, adapters) are imported inside commands."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import click
+
+from supervisor import __version__, redact
+
+EXIT_INVALID_CONFIG = 2
+
+
+def _version_text() -> str:
+    import os
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    return f"celery-supervisor {__version__} (package 'supervisor' at {here})"
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    redact.install_log_filter(handler)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    for noisy in ("kombu", "celery", "amqp", "apscheduler", "apprise", "urllib3"):
+        logging.getLogger(noisy).setLevel(max(root.level, logging.WARNING))
+
+
+def load(path: str):
+    """The config, or exit 2 printing every error with its path (never a traceback, never a secret)."""
+    from supervisor.config import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        click.echo(f"{path}: invalid config ({len(e.errors)} error{'s' if len(e.errors) != 1 else ''}):", err=True)
+        for p, msg in e.errors:
+            click.echo(f"  {p}: {msg}" if p else f"  {msg}", err=True)
+        sys.exit(EXIT_INVALID_CONFIG)
+
+
+config_option = click.option(
+    "-c", "--config", "config_path", required=True, type=click.Path(dir_okay=True), envvar="SUPERVISOR_CONFIG",
+    help="The YAML config file (or $SUPERVISOR_CONFIG).",
+)
+log_option = click.option("--log-level", default="INFO", show_default=True,
+                          type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, message=_version_text())
+def main() -> None:
+    """celery-supervisor: watches Celery worker heartbeats and queue backlogs, alerts through Apprise,
+    and restarts lost workers through their platform (local, systemd, docker, kubernetes, cloudfoundry).
+
+    \b
+    Exit codes of `once` and `nagios`: 0 healthy, 1 warning, 2 critical, 3 could not observe.
+    `check-config` exits 2 on an invalid file.
+    """
+
+
+@main.command("check-config")
+@config_option
+def check_config(config_path: str) -> None:
+    """Validate the config file; print every error with its path."""
+    cfg = load(config_path)
+    if cfg.notify.channels:
+        from supervisor.notify import channel_errors
+
+        bad = channel_errors(cfg.notify)
+        if bad:
+            click.echo(f"{config_path}: invalid config ({len(bad)} error{'s' if len(bad) != 1 else ''}):", err=True)
+            for i, c in enumerate(cfg.notify.channels):
+                if c.name in bad:
+                    click.echo(f"  notify.channels.{i}.url: {bad[c.name]}", err=True)
+            sys.exit(EXIT_INVALID_CONFIG)
+    click.echo(f"{config_path}: OK")
+    click.echo(f"  broker: {cfg.broker.display_url}")
+    click.echo(f"  loop: every {cfg.loop.interval:g}s, state at {cfg.loop.state_path}")
+    for g in cfg.groups:
+        how = f"restart through {g.restart.platform}" if g.restart else "alert only (no restart section)"
+        match = ", ".join(g.workers + g.hostnames)
+        click.echo(f"  group {g.name}: {match}; min_workers {g.min_workers}; {how}")
+    for q in cfg.queues:
+        click.echo(f"  queue {q.name}: warning {q.warning}, critical {q.critical}, for {q.for_:g}s, "
+                   f"min_consumers {q.min_consumers}")
+    for c in cfg.notify.channels:
+        click.echo(f"  channel {c.name}: {redact.redact_apprise_url(c.url.get_secret_value())} "
+                   f"({', '.join(c.severities)})")
+
+
+def _print_report(report, cfg) -> None:
+    from supervisor.loop import report_json
+
+    doc = report_json(report, cfg)
+    b = doc["broker"]
+    click.echo(f"broker {b['url']}: {'ok' if b['ok'] else 'UNREACHABLE: ' + str(b['error'])}")
+    if doc["workers"]:
+        click.echo("workers:")
+        for w in doc["workers"]:
+            click.echo(f"  {w['hostname']:<32} {w['group']:<12} {w['status']:<13} {w['reason']}")
+    if doc["queues"]:
+        click.echo("queues:")
+        for q in doc["queues"]:
+            extra = f" consumers={q['consumers']}" if q["consumers"] is not None else ""
+            err = f" ERROR {q['error']}" if q["error"] else ""
+            click.echo(f"  {q['name']:<32} length={q['length']}{extra}{err}")
+    if doc["findings"]:
+        click.echo("findings:")
+        for f in doc["findings"]:
+            click.echo(f"  [{f['severity']}/{f['state']}] {f['summary']}")
+    for name, err in doc["platform_errors"].items():
+        click.echo(f"platform error in group {name}: {err}")
+    if doc["actions"]:
+        click.echo("actions:" + (" (dry run: nothing executed)" if not any(a["executed"] for a in doc["actions"]) else ""))
+        for a in doc["actions"]:
+            if a["kind"] == "restart":
+                left = f"; budget left after it: {a['budget_left']}" if a.get("budget_left") is not None else ""
+                click.echo(f"  restart {a['hostname']} ({a['target']}): {a['reason']}{left}")
+                if a.get("command"):
+                    click.echo(f"    by hand: {a['command']}")
+                click.echo(f"    -> {a.get('result')}")
+            else:
+                click.echo(f"  alert to {a['target']}: {a['reason']} -> {a.get('result')}")
+    else:
+        click.echo("actions: none")
+    for host, note in doc["notes"].items():
+        click.echo(f"note: {host} not restarted now: {note}")
+    click.echo({0: "OK", 1: "WARNING", 2: "CRITICAL", 3: "UNKNOWN (could not observe)"}[report.exit_code])
+
+
+@main.command()
+@config_option
+@click.option("--dry-run", is_flag=True, help="Execute nothing; print each planned action, its reason and budget.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (workers, queues, findings, actions).")
+@log_option
+def once(config_path: str, dry_run: bool, as_json: bool, log_level: str) -> None:
+    """One observe/decide/act pass; exit 0 ok, 1 warning, 2 critical, 3 could not observe."""
+    setup_logging(log_level if not as_json else "ERROR")
+    cfg = load(config_path)
+    from supervisor.loop import Supervisor, report_json
+
+    sup = Supervisor(cfg, dry_run=dry_run, one_shot=True)
+    try:
+        report = sup.once()
+    finally:
+        sup.close(flush=10.0)
+    if as_json:
+        click.echo(json.dumps(report_json(report, cfg), indent=2, default=str))
+    else:
+        _print_report(report, cfg)
+    sys.exit(report.exit_code)
+
+
+@main.command()
+@config_option
+@log_option
+def nagios(config_path: str, log_level: str) -> None:
+    """One Nagios plugin line with perfdata. Observes only: restarts and alerts nothing."""
+    setup_logging("ERROR" if log_level.upper() == "INFO" else log_level)
+    cfg = load(config_path)
+    from supervisor.loop import Supervisor
+    from supervisor.nagios import nagios_line
+
+    sup = Supervisor(cfg, dry_run=True, one_shot=True)
+    try:
+        report = sup.once()
+    finally:
+        sup.close(flush=0.0)
+    click.echo(nagios_line(report, cfg))
+    sys.exit(report.exit_code)
+
+
+@main.command()
+@config_option
+@log_option
+def run(config_path: str, log_level: str) -> None:
+    """The daemon: observe, decide and act every loop.interval until SIGTERM or SIGINT."""
+    setup_logging(log_level)
+    cfg = load(config_path)
+    from supervisor.daemon import run_daemon
+
+    sys.exit(run_daemon(cfg))
+
+
+@main.command("test-alert")
+@config_option
+@click.option("--timeout", default=20.0, show_default=True, help="Seconds to wait for each channel.")
+def test_alert(config_path: str, timeout: float) -> None:
+    """Send one test notification to every channel; report each channel's result."""
+    setup_logging("WARNING")
+    cfg = load(config_path)
+    if not cfg.notify.channels:
+        click.echo("no channels configured under notify.channels")
+        sys.exit(1)
+    from supervisor.notify import Notifier
+
+    n = Notifier(cfg.notify)
+    try:
+        results = n.test_all(timeout)
+    finally:
+        n.close(1.0)
+    failed = 0
+    for name, err in results.items():
+        click.echo(f"  {name}: {'delivered' if err is None else 'FAILED: ' + err}")
+        failed += err is not None
+    sys.exit(1 if failed else 0)
+
+
+@main.command()
+@click.option("--workers", default=3, show_default=True, help="How many local workers to start.")
+@click.option("--keep-dir", is_flag=True, help="Keep the demo's temporary folder (logs, config).")
+def demo(workers: int, keep_dir: bool) -> None:
+    """Start an embedded Redis, local workers and the supervisor; SIGKILL a worker and narrate
+    detection, confirmation, restart and recovery. Cleans up every process it started."""
+    from supervisor.demo import run_demo
+
+    sys.exit(run_demo(workers=workers, keep_dir=keep_dir))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

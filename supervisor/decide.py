@@ -1,0 +1,130 @@
+"""The decision core as one sans-I/O object: feed it an Observation, get a Decision.
+
+``Core`` composes the pure rules and policy and keeps their memory (rule states,
+restart history, group modes, broker outages). It never does I/O and never reads a
+clock: the shell (``loop.py``) observes, calls ``decide``, executes the plans and
+reports back with ``record_restart``. Unit tests replay observations through it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from supervisor import policy, rules
+from supervisor.config import Config
+from supervisor.model import Finding, Observation, RuleState, Transition, WorkerVerdict
+
+WORKER_RULES = ("worker_lost", "worker_unresponsive", "restart_gave_up")
+SETTLE_MIN, SETTLE_MAX = 10.0, 60.0
+
+
+@dataclass
+class Decision:
+    now: float
+    observable: bool  # the broker could be observed
+    verdicts: list[WorkerVerdict]
+    findings: list[Finding]
+    transitions: list[Transition]
+    plans: list[policy.RestartPlan]
+    severity: str  # worst severity that holds now: ok | warning | critical
+    states: dict[str, RuleState] = field(default_factory=dict)  # rule states after this tick, by key
+
+    @property
+    def exit_code(self) -> int:
+        """Nagios semantics: 0 ok, 1 warning, 2 critical, 3 could not observe."""
+        if not self.observable:
+            return 3
+        return {"ok": 0, "info": 0, "warning": 1, "critical": 2}[self.severity]
+
+
+class Core:
+    def __init__(self, cfg: Config, state: policy.PolicyState | None = None, book: rules.RuleBook | None = None):
+        self.cfg = cfg
+        self.policy = state or policy.PolicyState()
+        self.book = book or rules.RuleBook()
+        self.outage_since: float | None = None  # broker or heartbeat stream lost since
+        self.settle_until: float | None = None
+
+    def reconfigure(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    # ---- broker outages: after one, give workers time to reconnect before judging their silence
+    def _track_outage(self, obs: Observation) -> None:
+        connected = obs.broker_ok and obs.listening_since is not None
+        if not connected:
+            if self.outage_since is None:
+                self.outage_since = obs.now
+            return
+        if self.outage_since is not None:
+            outage = max(obs.listening_since - self.outage_since, 0.0)
+            self.settle_until = obs.listening_since + min(max(2 * outage, SETTLE_MIN), SETTLE_MAX)
+            self.outage_since = None
+
+    def suspects(self, obs: Observation) -> list[str]:
+        """Hostnames to confirm with a targeted ping before deciding."""
+        self._track_outage(obs)
+        return rules.suspects(self.cfg, obs, self.policy.restarted, self.settle_until)
+
+    def decide(self, obs: Observation, target_ids: dict[str, str] | None = None) -> Decision:
+        self._track_outage(obs)
+        cfg, now = self.cfg, obs.now
+        restarted = self.policy.restarted
+        verdicts = rules.judge(cfg, obs, restarted, self.settle_until)
+        ids = dict(target_ids or {})
+        for v in verdicts:
+            if v.target is not None:
+                ids.setdefault(v.hostname, v.target.id)
+        plans, policy_findings = policy.plan(cfg, obs, verdicts, self.policy, ids)
+        findings = (
+            rules.broker_findings(cfg, obs)
+            + rules.worker_findings(cfg, obs, verdicts, restarted)
+            + rules.queue_findings(cfg, obs)
+            + policy_findings
+        )
+        # forget restarts whose grace is over and whose worker is back
+        for v in verdicts:
+            if v.status == "alive" and v.hostname in restarted:
+                at, _ = restarted[v.hostname]
+                g = next(g for g in cfg.groups if g.name == v.group)
+                if g.restart is None or now - at >= g.restart.grace or v.reason == "back after restart":
+                    del restarted[v.hostname]
+        transitions = self.book.advance(findings, now, self._muted(findings), self._frozen(obs, verdicts))
+        return Decision(now, obs.broker_ok, verdicts, findings, transitions, plans, rules.worst(findings),
+                        dict(self.book.states))
+
+    def _muted(self, findings: list[Finding]) -> set[str]:
+        """Inhibition: a group in mass loss speaks with one voice (its group finding)."""
+        mass = {f.group for f in findings if f.rule == "group_mass_loss"}
+        return {f.key for f in findings if f.group in mass and f.rule in WORKER_RULES + ("group_below_min",)}
+
+    def _frozen(self, obs: Observation, verdicts: list[WorkerVerdict]):
+        unknown_hosts = {v.hostname for v in verdicts if v.status == "unknown"}
+        unknown_groups = {v.group for v in verdicts if v.status == "unknown"}
+
+        unreadable = {q.name for q in self.cfg.queues if obs.queues.get(q.name) is None
+                      or obs.queues[q.name].length is None}
+
+        def frozen(st: RuleState) -> bool:
+            if obs.broker_ok and st.rule in ("queue_backlog", "queue_consumers"):
+                return st.subject in unreadable
+            if not obs.broker_ok:
+                return st.rule not in ("broker_unreachable", "platform_error")
+            if st.rule in WORKER_RULES:
+                return st.hostname in unknown_hosts
+            if st.rule == "group_below_min":
+                return st.group in unknown_groups or obs.listening_since is None
+            return False
+
+        return frozen
+
+    def record_restart(self, plan: policy.RestartPlan, at: float, ok: bool) -> None:
+        policy.record(self.policy, plan, at, ok)
+
+    def budget(self, group_name: str, target_id: str, now: float) -> policy.Budget | None:
+        g = next((g for g in self.cfg.groups if g.name == group_name), None)
+        if g is None or g.restart is None:
+            return None
+        return policy.budget(self.policy, g, target_id, now)
+
+    def states(self) -> list[RuleState]:
+        return self.book.active()

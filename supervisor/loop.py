@@ -1,0 +1,330 @@
+"""The shell around the core: observe -> decide -> act -> record, once per tick.
+
+All I/O lives here and in observe/, notify, platforms/; every decision is made by
+``decide.Core``. A failing broker, platform or alert channel is reported and
+retried on the next tick; it never ends the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from supervisor import redact
+from supervisor.config import Config, GroupConfig
+from supervisor.decide import Core, Decision
+from supervisor.durations import format_duration as fd
+from supervisor.model import Action, Observation, QueueSeen, Target, WorkerVerdict
+
+log = logging.getLogger("supervisor")
+LOG_LINES = 30  # lines of a crashed target's output attached to its alert
+ONCE_LISTEN = 2.5  # seconds `once` listens to heartbeats (workers send one every 2 s)
+CONSUMERS_AFTER = 2.5  # count consumers only once we have listened this long
+
+
+@dataclass
+class TickReport:
+    obs: Observation
+    decision: Decision
+    actions: list[Action] = field(default_factory=list)
+    duration: float = 0.0
+    platform_errors: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)  # hostname -> why it is not restarted now
+
+    @property
+    def exit_code(self) -> int:
+        return self.decision.exit_code
+
+
+class Supervisor:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        dry_run: bool = False,
+        one_shot: bool = False,
+        clock: Callable[[], float] = time.time,
+        on_tick: Callable[[TickReport], None] | None = None,
+        on_event: Callable[[str, str, float], None] | None = None,
+    ):
+        from supervisor.notify import Notifier
+        from supervisor.observe.celeryapp import make_app
+        from supervisor.observe.heartbeats import EventReceiverSource
+        from supervisor.observe.queues import QueueReader
+
+        self.cfg = cfg
+        self.dry_run = dry_run
+        self.one_shot = one_shot
+        self.clock = clock
+        self.on_tick = on_tick
+        self.app = make_app(cfg.broker)
+        self.heartbeats = EventReceiverSource(self.app, clock=clock, on_event=on_event)
+        self.queue_reader = QueueReader(cfg.broker, self.app)
+        self.notifier = Notifier(cfg.notify)
+        self.core = Core(cfg)
+        self.platforms: dict = {}
+        self.platform_load_errors: dict[str, str] = {}
+        self._lock = threading.Lock()  # one tick at a time
+        self.last_report: TickReport | None = None
+        self.ticks = 0
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self.heartbeats.start()
+
+    def close(self, flush: float = 5.0) -> None:
+        self.heartbeats.stop(timeout=3.0)
+        try:
+            self.queue_reader.close()
+        except Exception as e:  # closing must not fail the shutdown
+            log.debug("closing the queue reader: %s", redact.scrub(e))
+        try:
+            self.notifier.flush(flush)
+        finally:
+            self.notifier.close(1.0)
+        for p in self.platforms.values():
+            try:
+                p.close()
+            except Exception as e:  # closing must not fail the shutdown
+                log.warning("closing platform %s: %s", p.kind, redact.scrub(e))
+
+    # ------------------------------------------------------------ platforms (lazy)
+    def platform(self, kind: str):
+        if kind not in self.platforms:
+            from platforms import load_adapter
+
+            self.platforms[kind] = load_adapter(kind, self.cfg)
+        return self.platforms[kind]
+
+    def _inventory(self, g: GroupConfig, known: list[str]) -> tuple[tuple[Target, ...], str | None]:
+        try:
+            adapter = self.platform(g.restart.platform)
+            return tuple(adapter.inventory(g, known)), None
+        except Exception as e:
+            return (), redact.scrub(f"{type(e).__name__}: {e}" if not str(e) else str(e))
+
+    # ------------------------------------------------------------ observe
+    def observe(self) -> Observation:
+        from supervisor.observe import control
+        from supervisor.observe.celeryapp import check_broker
+
+        cfg = self.cfg
+        now = self.clock()
+        err = check_broker(self.app, cfg.broker.connect_timeout)
+        snap = self.heartbeats.snapshot()
+        workers = dict(snap.workers)
+        targets: dict[str, tuple[Target, ...]] = {}
+        perrs: dict[str, str] = {}
+        for g in cfg.groups:
+            if g.restart is None:
+                continue
+            known = sorted({h for h in workers if cfg.group_of(h) is g} | set(g.workers))
+            targets[g.name], e = self._inventory(g, known)
+            if e:
+                perrs[g.name] = e
+        obs = Observation(
+            now=now, broker_ok=err is None, broker_error=err, listening_since=snap.listening_since,
+            workers=workers, targets=targets, platform_errors=perrs, one_shot=self.one_shot,
+        )
+        if err is not None:
+            return obs
+        pinged: frozenset[str] = frozenset()
+        pongs: frozenset[str] = frozenset()
+        try:
+            sus = self.core.suspects(obs)
+            if sus:
+                pinged = frozenset(sus)
+                pongs = frozenset(control.ping(self.app, sus, cfg.loop.ping_timeout))
+            queues = self._queues(workers, now)
+        except Exception as e:
+            return replace(obs, broker_ok=False, broker_error=redact.scrub(e))
+        return replace(obs, pinged=pinged, pongs=pongs, queues=queues, now=self.clock())
+
+    def _queues(self, workers: dict, now: float) -> dict[str, QueueSeen]:
+        from supervisor.observe import control
+
+        cfg = self.cfg
+        if not cfg.queues:
+            return {}
+        seen = self.queue_reader.read([q.name for q in cfg.queues])
+        listening = self.heartbeats.snapshot().listening_since
+        # RabbitMQ counts consumers itself (passive declare); Redis has no such notion: ask the workers
+        if any(q.min_consumers for q in cfg.queues) and cfg.broker.is_redis:
+            if listening is None or now - listening < CONSUMERS_AFTER:
+                # consumers are counted among the workers we hear: too early to know them all
+                return {n: replace(q, consumers=None) for n, q in seen.items()}
+            alive = [h for h, w in workers.items() if w.last_heartbeat and now - w.last_heartbeat < 10
+                     and w.offline_at is None]
+            # nobody alive: nobody consumes (and asking would wait the whole timeout for no reply)
+            replies = control.active_queues(self.app, len(alive), cfg.loop.ping_timeout) if alive else {}
+            counts: dict[str, int] = {}
+            for names in replies.values():
+                for n in set(names):
+                    counts[n] = counts.get(n, 0) + 1
+            seen = {n: replace(q, consumers=counts.get(n, 0)) for n, q in seen.items()}
+        return seen
+
+    # ------------------------------------------------------------ one tick
+    def tick(self) -> TickReport:
+        with self._lock:
+            t0 = time.monotonic()
+            obs = self.observe()
+            decision = self.core.decide(obs)
+            report = TickReport(obs, decision, platform_errors=dict(obs.platform_errors))
+            details: dict[str, list[str]] = {}
+            for plan in decision.plans:
+                action, detail = self._restart(plan, decision, obs)
+                report.actions.append(action)
+                details.setdefault(plan.hostname, []).append(detail)
+            report.actions += self._alert(decision, details)
+            report.notes = dict(self.core.policy.notes)
+            report.duration = time.monotonic() - t0
+            self.ticks += 1
+            self.last_report = report
+        self._log(report)
+        if self.on_tick is not None:
+            self.on_tick(report)
+        return report
+
+    def _target(self, group: GroupConfig, hostname: str, obs: Observation) -> Target:
+        for t in obs.targets.get(group.name, ()):
+            if t.hostname == hostname:
+                return t
+        return self.platform(group.restart.platform).target_for(group, hostname)
+
+    def _restart(self, plan, decision: Decision, obs: Observation) -> tuple[Action, str]:
+        g = next(g for g in self.cfg.groups if g.name == plan.group)
+        kind = g.restart.platform
+        base = Action("restart", plan.group, plan.target_id, plan.reason, hostname=plan.hostname,
+                      budget_left=plan.budget_left, canary=plan.canary)
+        try:
+            adapter = self.platform(kind)
+            target = self._target(g, plan.hostname, obs)
+            command = adapter.describe(target)
+        except Exception as e:
+            msg = redact.scrub(e)
+            return replace(base, result=f"cannot restart: {msg}"), f"could not restart through {kind}: {msg}"
+        base = replace(base, target=target.id, command=command)
+        if self.dry_run:
+            return replace(base, result="dry run: not executed"), f"would restart through {kind}: {command}"
+        logs = ""
+        try:
+            logs = adapter.logs(target, LOG_LINES)
+        except Exception as e:
+            logs = f"(logs unavailable: {redact.scrub(e)})"
+        at = self.clock()
+        try:
+            result = adapter.restart(target, plan.reason)
+            ok, msg = result.ok, result.message
+        except Exception as e:
+            ok, msg = False, f"{type(e).__name__}: {e}"
+        msg = redact.scrub(msg)
+        self.core.record_restart(plan, at, ok)
+        what = "canary restart" if plan.canary else "restarted"
+        detail = (f"{what} {target.id} through {kind} ({command}): {'ok' if ok else 'FAILED'}"
+                  f"{': ' + msg if msg else ''}; {plan.budget_left} restart(s) left in the window")
+        if logs.strip():
+            detail += f"\n\nlast output of {target.id}:\n{logs.rstrip()}"
+        return replace(base, executed=True, result=("ok" if ok else "failed") + (f": {msg}" if msg else "")), detail
+
+    def _alert(self, decision: Decision, details: dict[str, list[str]]) -> list[Action]:
+        from supervisor.notify import message_for, routes
+
+        actions: list[Action] = []
+        for tr in decision.transitions:
+            extra = list(details.get(tr.state.hostname or "", []))
+            if tr.new == "firing" and not extra and tr.state.hostname:
+                note = self.core.policy.notes.get(tr.state.hostname)
+                if note:
+                    extra.append(f"no restart now: {note}")
+            if tr.new == "resolved" and tr.state.fired_at is not None:
+                extra.append(f"resolved after {fd(decision.now - tr.state.fired_at)}")
+            msg = message_for(tr, "\n".join(extra))
+            if self.dry_run:
+                for ch in routes(msg, self.cfg.notify.channels):
+                    actions.append(Action("alert", msg.group, ch.name, msg.title, hostname=msg.hostname,
+                                          severity=msg.severity, result="dry run: not sent"))
+            else:
+                actions += self.notifier.send(msg)
+        return actions
+
+    def _log(self, r: TickReport) -> None:
+        d = r.decision
+        if not d.observable:
+            log.error("could not observe the broker: %s", r.obs.broker_error)
+        for tr in d.transitions:
+            lvl = logging.WARNING if tr.new == "firing" else logging.INFO
+            log.log(lvl, "%s %s: %s", tr.new.upper(), tr.key, tr.state.summary)
+        for a in r.actions:
+            if a.kind == "restart":
+                log.warning("restart %s (%s): %s -> %s", a.target, a.hostname, a.reason, a.result)
+        for g, e in r.platform_errors.items():
+            log.warning("platform of group %s: %s", g, e)
+        alive = sum(v.status == "alive" for v in d.verdicts)
+        log.debug("tick %d: %d/%d workers alive, %d findings, %d actions, %.3fs", self.ticks, alive,
+                  len(d.verdicts), len(d.findings), len(r.actions), r.duration)
+
+    # ------------------------------------------------------------ once
+    def once(self, listen: float = ONCE_LISTEN) -> TickReport:
+        """One observe/decide/act pass without history: listen about one heartbeat interval first."""
+        from supervisor.observe.celeryapp import check_broker
+
+        err = check_broker(self.app, self.cfg.broker.connect_timeout)
+        if err is None:
+            self.start()
+            deadline = time.monotonic() + listen + self.cfg.broker.connect_timeout
+            while self.heartbeats.snapshot().listening_since is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            since = self.heartbeats.snapshot().listening_since
+            if since is not None:
+                time.sleep(max(0.0, listen - (self.clock() - since)))
+        return self.tick()
+
+
+# ------------------------------------------------------------ JSON document of `once --json` / status
+def verdict_json(v: WorkerVerdict, obs: Observation) -> dict:
+    ws = obs.workers.get(v.hostname)
+    d = {
+        "hostname": v.hostname,
+        "group": v.group,
+        "alive": v.status == "alive",
+        "status": v.status,
+        "reason": v.reason,
+        "explicit": v.explicit,
+        "last_heartbeat_age": round(obs.now - ws.last_heartbeat, 3) if ws and ws.last_heartbeat else None,
+        "active": ws.active if ws else None,
+    }
+    if v.target is not None:
+        d["target"] = v.target.id
+        d["platform_state"] = v.target.state
+    return d
+
+
+def report_json(r: TickReport, cfg: Config) -> dict:
+    obs, d = r.obs, r.decision
+    return {
+        "time": obs.now,
+        "broker": {"url": cfg.broker.display_url, "ok": obs.broker_ok, "error": obs.broker_error},
+        "exit_code": r.exit_code,
+        "severity": d.severity if d.observable else "unknown",
+        "workers": [verdict_json(v, obs) for v in d.verdicts],
+        "queues": [
+            {"name": q.name, "length": q.length, "ready": q.ready, "unacked": q.unacked,
+             "consumers": q.consumers, "error": q.error}
+            for q in obs.queues.values()
+        ],
+        "findings": [
+            {"rule": f.rule, "subject": f.subject, "severity": f.severity, "summary": f.summary,
+             "group": f.group, "hostname": f.hostname,
+             "state": d.states[f.key].state if f.key in d.states else "pending"}
+            for f in d.findings
+        ],
+        "actions": [a.to_json() for a in r.actions],
+        "platform_errors": r.platform_errors,
+        "notes": r.notes,
+        "duration": round(r.duration, 3),
+    }
+

@@ -1,0 +1,181 @@
+"""Plain data the decision core works on.
+
+Everything here is immutable data, built by the observing shell (``observe/``,
+``platforms/``) and read by the pure core (``rules``, ``policy``). Times are
+seconds on the supervisor's own clock (``time.time()``), never a worker's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+Severity = Literal["info", "warning", "critical"]
+SEVERITY_RANK: dict[str, int] = {"ok": 0, "info": 0, "warning": 1, "critical": 2}
+
+# What a platform says of a target.
+PlatformState = Literal["running", "exited", "crashed", "restarting", "stopping", "missing", "unknown"]
+DEAD_STATES = frozenset({"exited", "crashed"})
+
+
+@dataclass(frozen=True)
+class WorkerSeen:
+    """What the heartbeat stream told us about one Celery hostname."""
+
+    hostname: str
+    last_heartbeat: float | None = None  # our clock, arrival of the last worker-heartbeat/online
+    online_at: float | None = None  # last worker-online
+    offline_at: float | None = None  # worker-offline after the last heartbeat (graceful exit started)
+    active: int | None = None  # tasks running, from the last heartbeat
+    processed: int | None = None
+    pid: int | None = None
+    freq: float | None = None  # heartbeat interval the worker announces
+
+
+@dataclass(frozen=True)
+class QueueSeen:
+    name: str
+    length: int | None  # ready (+ unacked where the broker tells); None: could not be read
+    ready: int | None = None
+    unacked: int | None = None
+    consumers: int | None = None  # None: not measured
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Target:
+    """One thing a platform runs for a group (a process, unit, container, pod, CF instance)."""
+
+    id: str  # the platform's name for it: unit, container name, pod name, "app/2", a command key
+    group: str
+    hostname: str | None  # the Celery hostname it serves, where it can be known
+    state: str = "unknown"  # a PlatformState
+    detail: str = ""  # "exit code -9", "CRASHED", "CrashLoopBackOff" ...
+    since: float | None = None  # when it entered that state, if known (our clock)
+
+
+@dataclass(frozen=True)
+class RestartResult:
+    ok: bool
+    message: str = ""
+    in_progress: bool = False  # the platform was already restarting it: nothing was done
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One tick's view of the world. Built by the shell, judged by the core."""
+
+    now: float
+    broker_ok: bool = True
+    broker_error: str | None = None
+    # since when the heartbeat stream has been connected without a break (None: not connected)
+    listening_since: float | None = None
+    workers: Mapping[str, WorkerSeen] = field(default_factory=dict)
+    pinged: frozenset[str] = frozenset()  # hostnames we pinged this tick
+    pongs: frozenset[str] = frozenset()  # of those, the ones that answered
+    queues: Mapping[str, QueueSeen] = field(default_factory=dict)
+    targets: Mapping[str, tuple[Target, ...]] = field(default_factory=dict)  # group -> targets
+    platform_errors: Mapping[str, str] = field(default_factory=dict)  # group -> error text
+    # `once`: no heartbeat history; a worker not heard during the listening window counts as silent
+    one_shot: bool = False
+
+
+WorkerStatus = Literal[
+    "alive",  # heartbeating or answering ping
+    "starting",  # restarted by us, within grace
+    "lost",  # silent past heartbeat_timeout, no pong, platform does not say it runs
+    "dead",  # the platform reports the target exited / crashed
+    "unresponsive",  # platform says it runs, but silent and no pong (hung, or a busy solo pool)
+    "stopping",  # sent worker-offline, process still running (warm shutdown)
+    "retired",  # left gracefully (or its target is gone) and matched only by a glob: not expected back
+    "unknown",  # cannot be judged now (broker down, stream just (re)connected)
+]
+
+
+@dataclass(frozen=True)
+class WorkerVerdict:
+    hostname: str
+    group: str
+    status: str  # a WorkerStatus
+    reason: str
+    explicit: bool = False  # named in the group's `workers`
+    silent_for: float | None = None  # seconds since the last heartbeat (or since we listen)
+    target: Target | None = None
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A condition that holds now. The rule state machine turns it into pending/firing."""
+
+    rule: str  # worker_lost, worker_unresponsive, group_below_min, queue_backlog, ...
+    subject: str  # hostname, group, queue name, target, or "broker"
+    severity: str  # a Severity
+    summary: str  # one line for people
+    group: str | None = None
+    hostname: str | None = None
+    hold: float = 0.0  # seconds the condition must hold before it fires (`for:`)
+    value: float | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.rule}:{self.subject}"
+
+
+@dataclass(frozen=True)
+class RuleState:
+    """Where one finding stands: pending -> firing -> resolved (Alertmanager's `for:`)."""
+
+    key: str
+    rule: str
+    subject: str
+    state: str  # pending | firing | resolved
+    severity: str
+    summary: str
+    since: float  # condition true since
+    group: str | None = None
+    hostname: str | None = None
+    fired_at: float | None = None
+    resolved_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Transition:
+    """A rule state change that people are told about."""
+
+    key: str
+    old: str | None  # None, pending, firing
+    new: str  # firing | resolved
+    state: RuleState
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str  # "restart" | "alert"
+    group: str | None
+    target: str | None  # restart: the platform target id; alert: the channel name
+    reason: str
+    hostname: str | None = None
+    executed: bool = False
+    severity: str | None = None
+    budget_left: int | None = None  # restarts left in the window after this one
+    command: str | None = None  # describe(): how a person would do it by hand
+    result: str | None = None  # what happened when executed (or why not)
+    canary: bool = False
+
+    def to_json(self) -> dict:
+        d = {
+            "kind": self.kind,
+            "group": self.group,
+            "target": self.target,
+            "hostname": self.hostname,
+            "reason": self.reason,
+            "executed": self.executed,
+        }
+        for k in ("severity", "budget_left", "command", "result"):
+            v = getattr(self, k)
+            if v is not None:
+                d[k] = v
+        if self.canary:
+            d["canary"] = True
+        return d

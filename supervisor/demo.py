@@ -56,10 +56,13 @@ class Narrator:
 
 
 def run_demo(workers: int = 3, keep_dir: bool = False) -> int:
+    import logging
+
     from supervisor.config import parse_config
     from supervisor.daemon import Daemon
     from supervisor.embedded_redis import RedisServer
 
+    logging.basicConfig(level=logging.ERROR, format="  log %(levelname)s %(name)s: %(message)s")  # the narration says the rest
     say = Narrator()
     print("celery-supervisor demo: real Redis, real Celery workers, a real SIGKILL\n", flush=True)
     tmp = tempfile.mkdtemp(prefix="supervisor-demo-")
@@ -131,14 +134,15 @@ def run_demo(workers: int = 3, keep_dir: bool = False) -> int:
         say.say(f"SIGKILL sent to {victim}")
         timings: dict[str, float] = {}
         _follow(events, victim, say, timings)
+        time.sleep(0.1)  # let the firing alert reach the catcher
+        _alerts(say)
         t_ping = _wait_ping(app, victim, 60)
         if t_ping is not None:
             timings["ping"] = say.since_kill()
             say.say(f"{victim} answers ping again (new pid {_pid(adapter, group, victim)})")
         _follow(events, victim, say, timings, until="back", timeout=30)
         time.sleep(0.5)
-        for msg in _drain(_Catcher.inbox):
-            say.say(f"alert delivered to 'demo': {msg.get('title')}")
+        _alerts(say)
         print("\n  summary: " + ", ".join(f"{k} {fd(v)}" for k, v in (
             ("detected", timings.get("detected")), ("restart issued", timings.get("restart")),
             ("answers ping", timings.get("ping")), ("supervisor sees it back", timings.get("back"))) if v is not None),
@@ -164,6 +168,11 @@ def run_demo(workers: int = 3, keep_dir: bool = False) -> int:
             print(f"  kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alerts(say: Narrator) -> None:
+    for msg in _drain(_Catcher.inbox):
+        say.say(f"alert delivered to channel 'demo': {msg.get('title')}")
 
 
 def _pid(adapter, group, hostname: str) -> int | None:
@@ -208,6 +217,7 @@ def _follow(events: queue.Queue, victim: str, say: Narrator, timings: dict, unti
                 timings["restart"] = say.since_kill()
                 say.say(f"restart issued ({a.result}); {a.budget_left} restart(s) left in the window")
                 say.say(f"  by hand this would be: {a.command}")
+        _alerts(say)
         if "restart" in timings and "back" not in timings and v.status == "alive":
             timings["back"] = say.since_kill()
             say.say(f"supervisor sees {victim} alive again ({v.reason}); finding resolved")

@@ -208,6 +208,9 @@ class Supervisor:
             msg = redact.scrub(e)
             return replace(base, result=f"cannot restart: {msg}"), f"could not restart through {kind}: {msg}"
         base = replace(base, target=target.id, command=command)
+        if plan.blocked:
+            return (replace(base, result=f"not executed: {plan.blocked}"),
+                    f"cannot restart now ({plan.blocked}); by hand: {command}")
         if self.dry_run:
             return replace(base, result="dry run: not executed"), f"would restart through {kind}: {command}"
         logs = ""

@@ -25,6 +25,7 @@ class RestartPlan:
     reason: str
     budget_left: int  # restarts left in the window after this one
     canary: bool = False
+    blocked: str | None = None  # why it cannot be executed now (platform unreachable): shown, not done
 
 
 @dataclass
@@ -109,11 +110,8 @@ def plan(
                 mode.mode, mode.since = "systemic", now
         if g.restart is None:
             continue
-        if obs.platform_errors.get(g.name):
-            for v in vs:
-                if wants_restart(v, g):
-                    state.notes[v.hostname] = "platform unreachable: cannot restart"
-            continue
+        perr = obs.platform_errors.get(g.name)
+        blocked = f"platform {g.restart.platform} unreachable: {perr}" if perr else None
         for v in vs:
             rule = wants_restart(v, g)
             if rule is None:
@@ -142,6 +140,11 @@ def plan(
                 continue
             if b.next_at is not None and now < b.next_at:
                 state.notes[v.hostname] = f"backing off: next restart in {fd(b.next_at - now)}"
+                continue
+            if blocked:
+                # planned from the broker's view, shown beside the platform's error, never executed
+                state.notes[v.hostname] = blocked
+                plans.append(RestartPlan(g.name, v.hostname, tid, rule, v.reason, b.left - 1, blocked=blocked))
                 continue
             canary = mode.mode == "canary"
             if canary:

@@ -4,7 +4,7 @@
 stopped (``down``), or hung; platform targets with their state; queues; the broker.
 Each ``tick(now)`` builds an ``Observation`` exactly as ``loop.py`` does: first asks
 ``Core.suspects`` whom to ping, pings them (the ``up`` workers answer), then calls
-``Core.decide`` and reports every planned restart back with ``record_restart``.
+``Core.decide`` and reports every executable planned restart back with ``record_restart``.
 No broker, no sleep, no clock: ``now`` is whatever the test says.
 """
 
@@ -155,7 +155,8 @@ class Fleet:
         d = self.core.decide(replace(obs, pinged=suspects, pongs=pongs))
         if execute:
             for p in d.plans:
-                self.core.record_restart(p, now, ok)
+                if not p.blocked:  # the shell never executes a blocked plan
+                    self.core.record_restart(p, now, ok)
         self.log.append(d)
         return d
 

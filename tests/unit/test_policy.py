@@ -82,7 +82,9 @@ class TestPlan:
 
     def test_platform_error_restarts_nothing_in_that_group(self):
         plans, _, st = plan(cfg_with(), [V(1, "dead")], platform_errors={"web": "403 Forbidden"})
-        assert plans == [] and "platform" in st.notes["celery@web-1"]
+        # planned from the broker's view (dry-run shows it), blocked: the shell never executes it
+        assert [(p.hostname, p.blocked) for p in plans] == [("celery@web-1", "platform systemd unreachable: 403 Forbidden")]
+        assert "403 Forbidden" in st.notes["celery@web-1"]
 
     def test_max_restarts_zero_disables_restarts_without_giving_up(self):
         plans, findings, _ = plan(cfg_with({"max_restarts": 0}), [V(1, "dead")])

@@ -417,6 +417,7 @@ def parse_config(data: Any, env: dict[str, str] | os._Environ | None = None, sou
     except ValidationError as e:
         errors += [(_loc(err["loc"]), _reason(err)) for err in e.errors(include_input=False, include_url=False)]
         cfg = None
+    errors += _channel_url_errors(data)
     if cfg is not None:
         errors += _cross_checks(cfg)
     if errors:
@@ -432,6 +433,24 @@ def parse_config(data: Any, env: dict[str, str] | os._Environ | None = None, sou
         if "://" not in s:
             redact.register_secret(s)
     return cfg
+
+
+def _channel_url_errors(data: dict) -> list[tuple[str, str]]:
+    """Apprise URLs it would refuse, checked even when other parts of the file are invalid."""
+    notify = data.get("notify")
+    channels = notify.get("channels") if isinstance(notify, dict) else None
+    urls = [(i, c["url"]) for i, c in enumerate(channels or []) if isinstance(c, dict)
+            and isinstance(c.get("url"), str) and c["url"]] if isinstance(channels, list) else []
+    if not urls:
+        return []
+    from supervisor.notify import url_error
+
+    out = []
+    for i, url in urls:
+        err = url_error(url)
+        if err:
+            out.append((f"notify.channels.{i}.url", err))
+    return out
 
 
 def _cross_checks(cfg: Config) -> list[tuple[str, str]]:

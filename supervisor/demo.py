@@ -224,10 +224,16 @@ def _follow(events: queue.Queue, victim: str, say: Narrator, timings: dict, unti
 
 
 def _wait_ping(app, hostname: str, timeout: float) -> float | None:
+    """Targeted pings, each on a fresh connection (a reused one reports a new worker up to ~1 s late)."""
+    from supervisor.observe import control
+
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
-        if app.control.ping(destination=[hostname], timeout=0.5, limit=1):
-            return time.monotonic() - t0
+        try:
+            if control.ping(app, [hostname], 0.5):
+                return time.monotonic() - t0
+        except Exception:
+            time.sleep(0.2)
     return None
 
 

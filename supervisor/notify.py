@@ -185,6 +185,19 @@ def tame_apprise_logging(propagate: bool = False) -> None:
         alog.propagate = propagate
 
 
+def url_error(url: str) -> str | None:
+    """Why Apprise refuses one channel URL (never the URL itself), or None. Imports Apprise."""
+    tame_apprise_logging()
+    import apprise
+
+    redact.register_url(url, tokens=True)
+    try:
+        _build_apprise(apprise, url)
+    except ValueError as e:
+        return redact.scrub(str(e))
+    return None
+
+
 def channel_errors(cfg: NotifyConfig) -> dict[str, str]:
     """For ``check-config``: channel name -> why Apprise refuses its URL (never the URL itself).
     Imports Apprise (0.1 to 0.3 s) only when there are channels; starts no thread, sends nothing."""

@@ -22,6 +22,14 @@ _pattern: re.Pattern[str] | None = None
 _USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]+)@")
 
 
+def forget_all() -> None:
+    """Forget every registered secret (tests: each test starts with its own config's secrets)."""
+    global _pattern
+    with _lock:
+        _secrets.clear()
+        _pattern = None
+
+
 def register_secret(value: str | None) -> None:
     """Remember a secret (and its URL-encoded forms) so that scrub() hides it."""
     if not value or len(value) < 4:

@@ -16,6 +16,17 @@ from tests.support.brokers import (
 _db = itertools.count(1)
 
 
+@pytest.fixture(autouse=True)
+def _own_secrets():
+    """The secret registry is process-wide: a password registered by one test (guest) must not mask
+    a user name in the next one's output."""
+    from supervisor import redact
+
+    redact.forget_all()
+    yield
+    redact.forget_all()
+
+
 @pytest.fixture(scope="session")
 def redis_server():
     """One private redis-server for the whole run; tests use their own db numbers or key prefixes."""

@@ -1,0 +1,785 @@
+"""Benchmark: how fast does `supervisor run` bring back a SIGKILLed Celery worker, and what does
+watching cost?
+
+Everything is real: a private redis-server on a free port (supervisor.embedded_redis), real Celery
+workers (`celery -A supervisor.demo_app worker --pool solo`) started through the `local` platform
+adapter, a real `supervisor run -c CONFIG` subprocess, and a real SIGKILL per trial.
+
+Per trial (the victims go round robin over the workers):
+
+  t0 = the SIGKILL (time.monotonic just before os.kill)
+  restart issued  = first moment the victim's pid file names a new pid, or the log file gets a new
+                    "--- ... celery-supervisor starts <hostname>: ..." line (both polled every 10 ms)
+  answers ping    = first reply to a targeted `control.ping(destination=[h], limit=1)`, polled
+                    back to back, each on a fresh connection (supervisor.observe.control.ping, the
+                    supervisor's own call). An unanswered ping costs --ping-timeout plus about 0.1 s,
+                    so this number carries up to ~0.2 s of polling delay: Redis broadcasts sent before
+                    the new worker subscribed are lost, not queued. (Polling on one shared connection
+                    instead, as a plain `app.control.ping` loop does, measured up to ~1 s late: after
+                    unanswered pings, kombu's Redis client missed replies for about a second.)
+
+Between trials it waits for a steady state: every worker answers ping and the supervisor's own
+tick log has said "N/N workers alive" for --settle seconds (with --supervisor-log-level DEBUG, the
+default: the supervisor then logs one short line per tick, which also gives tick durations); at
+INFO it just sleeps --settle seconds after every worker answers.
+
+Over the run: CPU seconds (utime + stime of the supervisor process, /proc/PID/stat, threads
+included, children not) from the first trial's start to the end of the last trial, CPU % of one
+core over that same wall time, peak RSS (VmHWM at the end, plus the max of VmRSS sampled every
+100 ms).
+
+Usage:  python bench/detect.py [--trials 10] [--workers 3] [--interval 1s] [--json] [--keep]
+Exit code: 0 when every trial was restarted and answered ping within --timeout, 1 otherwise,
+2 when the setup itself failed, 130 on Ctrl-C. Everything started is stopped by PID at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+HZ = os.sysconf("SC_CLK_TCK")
+START_MARK = b"celery-supervisor starts "
+# the supervisor's DEBUG line per tick: "... supervisor: tick 12: 3/3 workers alive, 0 findings, 0 actions, 0.012s"
+TICK_RE = re.compile(r"tick (\d+): (\d+)/(\d+) workers alive, (\d+) findings, (\d+) actions, ([\d.]+)s")
+RESTART_RE = re.compile(r" restart (\S+) \((\S+)\): (.*) -> (.*)$")
+# a worker's "ready" line (celery's default log format, local time): "[2026-01-01 12:00:00,123: INFO/MainProcess] celery@x ready."
+READY_RE = re.compile(rb"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): INFO/MainProcess\] (\S+) ready\.")
+
+
+def log_stamp(text: str) -> float | None:
+    """A logging asctime ("2026-01-01 12:00:00,123", local time) as a time.time() value."""
+    try:
+        return datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    except ValueError:
+        return None
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- /proc helpers
+def proc_cpu(pid: int) -> float | None:
+    """utime + stime of a process in seconds (all its threads), or None if it is gone."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    f = data[data.rfind(b")") + 2 :].split()
+    return (int(f[11]) + int(f[12])) / HZ  # fields 14 and 15 of proc(5)
+
+
+def proc_status_kb(pid: int, key: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def proc_state_start(pid: int) -> tuple[str, int] | None:
+    try:
+        data = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    f = data[data.rfind(b")") + 2 :].split()
+    return f[0].decode(), int(f[19])
+
+
+def read_pid(path: Path) -> tuple[int, int | None] | None:
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+        return int(d["pid"]), d.get("start_time")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+# ---------------------------------------------------------------- stats
+def nearest_rank(values: list[float], p: float) -> float | None:
+    """The p-th percentile by the nearest-rank method: the ceil(p/100 * n)-th smallest value."""
+    if not values:
+        return None
+    s = sorted(values)
+    return s[max(1, math.ceil(p / 100 * len(s))) - 1]
+
+
+def summary(values: list[float]) -> dict:
+    return {
+        "n": len(values),
+        "p50": nearest_rank(values, 50),
+        "p95": nearest_rank(values, 95),
+        "min": min(values) if values else None,
+        "max": max(values) if values else None,
+        "mean": sum(values) / len(values) if values else None,
+    }
+
+
+# ---------------------------------------------------------------- watching the supervisor
+class SupervisorLog:
+    """Tails the supervisor's output file: tick lines (DEBUG), restart lines, errors."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.lock = threading.Lock()
+        # (monotonic when read, wall-clock stamp of the line, tick number, alive, total, tick duration)
+        self.ticks: list[tuple[float, float | None, int, int, int, float]] = []
+        self.restarts: list[tuple[float | None, str, str]] = []  # (wall-clock stamp, hostname, line)
+        self.problems: list[str] = []  # ERROR / Traceback / "took longer" lines
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="suplog", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        pos, buf = 0, b""
+        while not self.stop.is_set():
+            try:
+                with open(self.path, "rb") as fh:
+                    fh.seek(pos)
+                    chunk = fh.read()
+            except OSError:
+                chunk = b""
+            now = time.monotonic()
+            if chunk:
+                pos += len(chunk)
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for raw in lines:
+                    self._line(raw.decode("utf-8", "replace"), now)
+            self.stop.wait(0.02)
+
+    def _line(self, line: str, now: float) -> None:
+        stamp = log_stamp(line[:23])
+        with self.lock:
+            m = TICK_RE.search(line)
+            if m:
+                self.ticks.append((now, stamp, int(m[1]), int(m[2]), int(m[3]), float(m[6])))
+                return
+            m = RESTART_RE.search(line)
+            if m:
+                self.restarts.append((stamp, m[2], line))
+            if " ERROR " in line or "Traceback" in line or "longer than loop.interval" in line \
+                    or " CRITICAL " in line:
+                self.problems.append(line)
+
+    def all_alive_since(self, n: int) -> float | None:
+        """Monotonic time since which every tick seen said n/n alive (None: the last one did not)."""
+        with self.lock:
+            since = None
+            for seen, _, _, alive, total, _ in reversed(self.ticks):
+                if alive == total == n:
+                    since = seen
+                else:
+                    break
+            return since
+
+    def tick_durations(self, since: int = 0) -> list[float]:
+        with self.lock:
+            return [t[5] for t in self.ticks[since:]]
+
+    def supervisor_view(self, hostname: str, kill_wall: float, n: int) -> tuple[float | None, float | None]:
+        """From the supervisor's own log stamps: (kill -> its restart line for hostname, kill -> its first
+        tick after that saying n/n alive). The restart line is written when the tick ends, after the
+        adapter's 0.2 s early-exit check of the new process."""
+        with self.lock:
+            r = next((st for st, h, _ in self.restarts if h == hostname and st is not None and st >= kill_wall - 0.002),
+                     None)
+            if r is None:
+                return None, None
+            back = next((st for _, st, _, alive, total, _ in self.ticks
+                         if st is not None and st > r and alive == total == n), None)
+        return r - kill_wall, (back - kill_wall) if back is not None else None
+
+    def tick_count(self) -> int:
+        with self.lock:
+            return len(self.ticks)
+
+
+class RssSampler:
+    def __init__(self, pid: int, every: float = 0.1):
+        self.pid, self.every = pid, every
+        self.max_kb = 0
+        self.samples = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="rss", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            kb = proc_status_kb(self.pid, "VmRSS")
+            if kb is not None:
+                self.max_kb = max(self.max_kb, kb)
+                self.samples += 1
+            self.stop.wait(self.every)
+
+
+class RestartWatch:
+    """Polls a target's pid file and log every 10 ms (in a thread) for the replacement's start."""
+
+    def __init__(self, pid_path: Path, log_path: Path, old_pid: int, hostname: str, t0_ref: list):
+        self.pid_path, self.log_path, self.old_pid = pid_path, log_path, old_pid
+        self.mark = START_MARK + hostname.encode() + b":"
+        try:
+            self.offset = log_path.stat().st_size
+        except OSError:
+            self.offset = 0
+        self.t0_ref = t0_ref  # [t0] once the kill was sent
+        self.t_pid: float | None = None
+        self.t_log: float | None = None
+        self.new_pid: int | None = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="restartwatch", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        buf = b""
+        while not self.stop.is_set() and (self.t_pid is None or self.t_log is None):
+            now = time.monotonic()
+            if self.t_pid is None:
+                rec = read_pid(self.pid_path)
+                if rec is not None and rec[0] != self.old_pid:
+                    self.t_pid, self.new_pid = now, rec[0]
+            if self.t_log is None:
+                try:
+                    with open(self.log_path, "rb") as fh:
+                        fh.seek(self.offset)
+                        chunk = fh.read()
+                except OSError:
+                    chunk = b""
+                if chunk:
+                    self.offset += len(chunk)
+                    buf = (buf + chunk)[-4096:]
+                    if self.mark in buf:
+                        self.t_log = now
+            self.stop.wait(0.01)
+
+    @property
+    def t_first(self) -> float | None:
+        seen = [t for t in (self.t_pid, self.t_log) if t is not None]
+        return min(seen) if seen else None
+
+
+# ---------------------------------------------------------------- the benchmark
+@dataclass
+class Trial:
+    n: int
+    victim: str
+    old_pid: int
+    new_pid: int | None = None
+    restart_s: float | None = None  # kill -> restart issued (first of pid file / log line)
+    restart_pidfile_s: float | None = None
+    restart_logline_s: float | None = None
+    ping_s: float | None = None  # kill -> answers ping again
+    ready_s: float | None = None  # kill -> the new worker logs "ready." (its own log stamp)
+    sup_restart_logged_s: float | None = None  # kill -> the supervisor logs the restart (its own log stamp)
+    sup_sees_alive_s: float | None = None  # kill -> the supervisor's first tick with every worker alive again
+    phase_delay_s: float | None = None  # random wait after the steady state, so kills land at any tick phase
+    pings_sent: int = 0
+    wait_steady_s: float | None = None  # how long we waited for the steady state before this trial
+    error: str | None = None
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    tmp: str = ""
+    redis: object = None
+    adapter: object = None
+    targets: list = field(default_factory=list)
+    sup: subprocess.Popen | None = None
+    sup_log_file: object = None
+    suplog: SupervisorLog | None = None
+    rss: RssSampler | None = None
+    app: object = None
+    sup_exit: int | None = None
+    kill_walls: list = field(default_factory=list)  # (trial, time.time() at the kill)
+
+    # ---- setup
+    def setup(self) -> None:
+        from platforms.local import Adapter
+        from supervisor.config import load_config
+        from supervisor.durations import parse_duration
+        from supervisor.embedded_redis import RedisServer
+
+        a = self.args
+        self.interval_s = parse_duration(a.interval)
+        self.rng = random.Random(a.seed)
+        self.tmp = tempfile.mkdtemp(prefix="bench-detect-")
+        self.redis = RedisServer()
+        self.redis.start()
+        url = f"{self.redis.url}/0"
+        self.hosts = [f"celery@bench-{i}" for i in range(1, a.workers + 1)]
+        self.run_dir = Path(self.tmp) / "run"
+        doc = {
+            "broker": {"url": url},
+            "loop": {"interval": a.interval, "state_path": str(Path(self.tmp) / "state.db"),
+                     "ping_timeout": "500ms"},
+            "platforms": {"local": {"run_dir": str(self.run_dir)}},
+            "groups": [{
+                "name": "bench",
+                "workers": self.hosts,
+                "min_workers": a.workers,
+                "heartbeat_timeout": a.heartbeat_timeout,
+                "restart": {
+                    "platform": "local",
+                    "target": f"{shlex.quote(sys.executable)} -m celery -A supervisor.demo_app worker "
+                              "-n {hostname} --pool solo --without-mingle --without-gossip -l INFO",
+                    "env": {"CELERY_BROKER_URL": url},
+                    "max_restarts": a.trials + 5,
+                    "window": "1h",
+                    "backoff": "0s",
+                    "grace": "5s",
+                    "stop_timeout": "5s",
+                },
+            }],
+        }
+        self.config_path = Path(self.tmp) / "config.yaml"
+        import yaml
+
+        self.config_path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+        cfg = load_config(self.config_path, env={})
+        self.adapter = Adapter(cfg)
+        group = cfg.groups[0]
+        self.targets = [self.adapter.target_for(group, h) for h in self.hosts]
+        self.tids = {t.hostname: t.id for t in self.targets}
+
+        from supervisor.observe.celeryapp import make_app
+
+        self.app = make_app(cfg.broker)
+
+        t = time.monotonic()
+        for tg in self.targets:
+            r = self.adapter.restart(tg, "bench start")
+            if not r.ok:
+                raise SetupError(f"could not start {tg.hostname}: {r.message}")
+        missing = self.wait_all_ping(60)
+        if missing:
+            raise SetupError(f"workers did not answer ping within 60s: {missing}; see {self.run_dir}")
+        log(f"started {a.workers} workers in {time.monotonic() - t:.1f}s; starting `supervisor run`")
+
+        sup_out = Path(self.tmp) / "supervisor.log"
+        self.sup_log_file = open(sup_out, "ab")  # noqa: SIM115 (closed in cleanup)
+        argv = [sys.executable, "-m", "supervisor", "run", "-c", str(self.config_path)]
+        if a.supervisor_log_level:
+            argv += ["--log-level", a.supervisor_log_level]
+        self.sup = subprocess.Popen(argv, cwd=self.tmp, stdin=subprocess.DEVNULL, stdout=self.sup_log_file,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        self.sup_started = time.monotonic()
+        self.suplog = SupervisorLog(sup_out)
+        self.suplog.start()
+        self.rss = RssSampler(self.sup.pid)
+        self.rss.start()
+
+    def pid_path(self, host: str) -> Path:
+        return self.run_dir / f"{self.tids[host]}.pid"
+
+    def log_path(self, host: str) -> Path:
+        return self.run_dir / f"{self.tids[host]}.log"
+
+    def ping(self, host: str, timeout: float) -> bool:
+        """A targeted ping with limit=1 on a fresh connection (see the module docstring)."""
+        from supervisor.observe import control
+
+        try:
+            return host in control.ping(self.app, [host], timeout)
+        except control.BrokerUnreachable as e:
+            log(f"ping {host}: {e}")
+            time.sleep(0.1)
+            return False
+
+    def wait_all_ping(self, timeout: float) -> list[str]:
+        deadline = time.monotonic() + timeout
+        waiting = list(self.hosts)
+        while waiting and time.monotonic() < deadline:
+            waiting = [h for h in waiting if not self.ping(h, 0.5)]
+        return waiting
+
+    def sup_alive(self) -> None:
+        if self.sup.poll() is not None:
+            raise SetupError(f"`supervisor run` exited with {self.sup.returncode}; see {self.tmp}/supervisor.log")
+
+    def wait_steady(self, timeout: float) -> str | None:
+        """Every worker answers ping and the supervisor has been calm for --settle seconds."""
+        a = self.args
+        deadline = time.monotonic() + timeout
+        missing = self.wait_all_ping(timeout)
+        if missing:
+            return f"not answering ping: {', '.join(missing)}"
+        if self.args.supervisor_log_level.upper() != "DEBUG":
+            time.sleep(a.settle)
+            return None
+        while time.monotonic() < deadline:
+            self.sup_alive()
+            since = self.suplog.all_alive_since(len(self.hosts))
+            if since is not None and time.monotonic() - since >= a.settle:
+                return None
+            time.sleep(0.05)
+        return f"the supervisor's ticks did not say {len(self.hosts)}/{len(self.hosts)} alive for {a.settle}s"
+
+    # ---- one trial
+    def trial(self, n: int) -> Trial:
+        a = self.args
+        victim = self.hosts[(n - 1) % len(self.hosts)]
+        rec = read_pid(self.pid_path(victim))
+        if rec is None:
+            return Trial(n, victim, -1, error="no pid file")
+        pid, start = rec
+        st = proc_state_start(pid)
+        if st is None or st[0] in ("Z", "X") or (start is not None and st[1] != start):
+            return Trial(n, victim, pid, error=f"pid {pid} of the pid file is not running")
+        tr = Trial(n, victim, pid)
+        t0_ref: list = []
+        watch = RestartWatch(self.pid_path(victim), self.log_path(victim), pid, victim, t0_ref)
+        log_offset = watch.offset
+        watch.start()
+        # the steady state is recognised from a tick line, so without this the kill would always land
+        # just after a tick: wait a random part of the interval so that it lands at any phase
+        tr.phase_delay_s = round(self.rng.uniform(0, self.interval_s), 3)
+        time.sleep(0.02 + tr.phase_delay_s)
+        t0 = time.monotonic()
+        self.kill_walls.append((tr, time.time()))
+        os.kill(pid, signal.SIGKILL)
+        t0_ref.append(t0)
+        deadline = t0 + a.timeout
+        t_ping = None
+        while time.monotonic() < deadline:
+            tr.pings_sent += 1
+            if self.ping(victim, a.ping_timeout):
+                t_ping = time.monotonic()
+                break
+            if self.sup.poll() is not None:
+                break
+        # the restart is seen before the ping in practice; give the watcher the rest of the time
+        while watch.t_first is None and time.monotonic() < deadline and self.sup.poll() is None:
+            time.sleep(0.01)
+        watch.stop.set()
+        watch.thread.join(1)
+        tr.new_pid = watch.new_pid
+        tr.ready_s = self.ready_after(victim, log_offset, self.kill_walls[-1][1])
+        for name, t in (("restart_pidfile_s", watch.t_pid), ("restart_logline_s", watch.t_log),
+                        ("restart_s", watch.t_first), ("ping_s", t_ping)):
+            if t is not None:
+                setattr(tr, name, round(t - t0, 4))
+        if tr.restart_s is None:
+            tr.error = f"no restart within {a.timeout:g}s"
+        elif tr.ping_s is None:
+            tr.error = f"restarted, but no ping reply within {a.timeout:g}s"
+        if self.sup.poll() is not None:
+            tr.error = (tr.error + "; " if tr.error else "") + f"`supervisor run` exited with {self.sup.returncode}"
+        return tr
+
+    def ready_after(self, host: str, offset: int, kill_wall: float) -> float | None:
+        """kill -> the first "<host> ready." line the worker's log got after the kill."""
+        try:
+            with open(self.log_path(host), "rb") as fh:
+                fh.seek(offset)
+                data = fh.read()
+        except OSError:
+            return None
+        for m in READY_RE.finditer(data):
+            if m[2].decode() == host:
+                st = log_stamp(m[1].decode())
+                if st is not None:
+                    return round(st - kill_wall, 4)
+        return None
+
+    # ---- the run
+    def run(self) -> dict:
+        a = self.args
+        # before the first trial: the supervisor must be up and calm (imports, first ticks)
+        msg = self.wait_steady(60)
+        self.load_start = [round(x, 2) for x in os.getloadavg()]
+        if msg:
+            raise SetupError(f"no steady state after the supervisor's start: {msg}; see {self.tmp}")
+        startup_cpu = proc_cpu(self.sup.pid)
+        cpu0, wall0 = proc_cpu(self.sup.pid), time.monotonic()
+        ticks0 = self.suplog.tick_count()
+        trials: list[Trial] = []
+        for n in range(1, a.trials + 1):
+            if n > 1:
+                ts = time.monotonic()
+                msg = self.wait_steady(a.timeout)
+                waited = time.monotonic() - ts
+                if msg:
+                    trials.append(Trial(n, self.hosts[(n - 1) % len(self.hosts)], -1,
+                                        error=f"no steady state before the trial: {msg}"))
+                    log(f"  trial {n:>3}: ABORTED: {trials[-1].error}")
+                    break
+            else:
+                waited = 0.0
+            tr = self.trial(n)
+            tr.wait_steady_s = round(waited, 2)
+            trials.append(tr)
+            fmt = lambda v: f"{v:6.3f}s" if v is not None else "   -   "  # noqa: E731
+            log(f"  trial {n:>3}: {tr.victim:<16} pid {tr.old_pid} -> {tr.new_pid}: restart issued "
+                f"{fmt(tr.restart_s)} (pid file {fmt(tr.restart_pidfile_s)}, log {fmt(tr.restart_logline_s)}), "
+                f"answers ping {fmt(tr.ping_s)}" + (f"  FAILED: {tr.error}" if tr.error else ""))
+            self.adapter._reap()  # the workers the bench started itself are its children: no zombies
+            if self.sup.poll() is not None:
+                break
+        # let the last victim come back fully, so the window covers whole trials
+        self.wait_steady(a.timeout)
+        for tr, kill_wall in self.kill_walls:
+            r, back = self.suplog.supervisor_view(tr.victim, kill_wall, len(self.hosts))
+            tr.sup_restart_logged_s = round(r, 4) if r is not None else None
+            tr.sup_sees_alive_s = round(back, 4) if back is not None else None
+        cpu1, wall1 = proc_cpu(self.sup.pid), time.monotonic()
+        hwm = proc_status_kb(self.sup.pid, "VmHWM")
+        total_cpu = proc_cpu(self.sup.pid)
+        ticks = self.suplog.tick_count() - ticks0
+        durations = self.suplog.tick_durations(ticks0)  # the ticks of the measured window
+        ok = [t for t in trials if t.error is None]
+        wall = wall1 - wall0
+        cpu = (cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None
+        return {
+            "setup": self.setup_info(),
+            "trials": [asdict(t) for t in trials],
+            "failed": [asdict(t) for t in trials if t.error is not None],
+            "kill_to_restart_s": summary([t.restart_s for t in ok]),
+            "kill_to_ping_s": summary([t.ping_s for t in ok]),
+            "restart_to_ping_s": summary([t.ping_s - t.restart_s for t in ok]),
+            "kill_to_ready_logged_s": summary([t.ready_s for t in ok if t.ready_s is not None]),
+            "ready_logged_to_ping_s": summary([t.ping_s - t.ready_s for t in ok if t.ready_s is not None]),
+            "kill_to_supervisor_restart_logged_s": summary([t.sup_restart_logged_s for t in ok
+                                                            if t.sup_restart_logged_s is not None]),
+            "kill_to_supervisor_sees_alive_s": summary([t.sup_sees_alive_s for t in ok
+                                                        if t.sup_sees_alive_s is not None]),
+            "restarted_within_one_interval": sum(t.restart_s <= self.interval_s for t in ok),
+            "restarted_within_two_intervals": sum(t.restart_s <= 2 * self.interval_s for t in ok),
+            "percentile_method": "nearest rank: the ceil(p/100*n)-th smallest value (for n <= 19, p95 is the max)",
+            "supervisor": {
+                "pid": self.sup.pid,
+                "cpu_s": round(cpu, 3) if cpu is not None else None,
+                "wall_s": round(wall, 2),
+                "cpu_pct_of_one_core": round(100 * cpu / wall, 2) if cpu is not None and wall > 0 else None,
+                "cpu_s_startup": round(startup_cpu, 3) if startup_cpu is not None else None,
+                "cpu_s_total": round(total_cpu, 3) if total_cpu is not None else None,
+                "peak_rss_mb_vmhwm": round(hwm / 1024, 1) if hwm else None,
+                "peak_rss_mb_sampled": round(self.rss.max_kb / 1024, 1) if self.rss.max_kb else None,
+                "rss_samples": self.rss.samples,
+                "ticks_in_window": ticks if durations else None,
+                "cpu_ms_per_tick": round(1000 * cpu / ticks, 2) if durations and ticks and cpu is not None else None,
+                "tick_duration_s": summary(durations) if durations else None,
+                "log_problems": self.suplog.problems[-20:],
+            },
+        }
+
+    def setup_info(self) -> dict:
+        import celery
+
+        from supervisor import __version__
+
+        a = self.args
+        try:
+            rv = subprocess.run([self.redis.binary, "--version"], capture_output=True, text=True, timeout=5).stdout
+            m = re.search(r"v=(\S+)", rv)
+            redis_version = m[1] if m else rv.strip()
+        except (OSError, subprocess.SubprocessError):
+            redis_version = "?"
+        return {
+            "workers": a.workers,
+            "hostnames": self.hosts,
+            "interval": a.interval,
+            "heartbeat_timeout": a.heartbeat_timeout,
+            "trials": a.trials,
+            "ping_poll_timeout_s": a.ping_timeout,
+            "seed": a.seed,
+            "settle_s": a.settle,
+            "supervisor_log_level": a.supervisor_log_level,
+            "python": platform.python_version(),
+            "celery": celery.__version__,
+            "celery_supervisor": __version__,
+            "redis_binary": self.redis.binary,
+            "redis_version": redis_version,
+            "cpus": os.cpu_count(),
+            "loadavg_at_start": self.load_start,
+            "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+            "kernel": platform.release(),
+            "tmp": self.tmp,
+        }
+
+    # ---- cleanup (idempotent; every step on its own)
+    def cleanup(self) -> list[str]:
+        done = []
+        for th in (self.rss, self.suplog):
+            if th is not None:
+                th.stop.set()
+        if self.sup is not None and self.sup.poll() is None:
+            self.sup.send_signal(signal.SIGTERM)
+            try:
+                self.sup_exit = self.sup.wait(20)
+                done.append(f"supervisor (pid {self.sup.pid}) exited {self.sup_exit} on SIGTERM")
+            except subprocess.TimeoutExpired:
+                self.sup.kill()
+                self.sup.wait(5)
+                done.append(f"supervisor (pid {self.sup.pid}) did NOT exit within 20s of SIGTERM: killed")
+        elif self.sup is not None:
+            done.append(f"supervisor (pid {self.sup.pid}) had already exited with {self.sup.returncode}")
+        if self.adapter is not None:
+            stopped = 0
+            for t in self.targets:
+                try:
+                    if self.adapter.stop(t, timeout=5):
+                        stopped += 1
+                        continue
+                except Exception as e:  # fall back to the pid file
+                    log(f"adapter.stop({t.hostname}) failed: {e}")
+                rec = read_pid(self.pid_path(t.hostname))
+                if rec is not None:
+                    st = proc_state_start(rec[0])
+                    if st is not None and (rec[1] is None or st[1] == rec[1]):
+                        try:
+                            os.kill(rec[0], signal.SIGKILL)
+                            stopped += 1
+                        except OSError:
+                            pass
+            done.append(f"{stopped}/{len(self.targets)} workers stopped")
+        if self.sup_log_file is not None:
+            self.sup_log_file.close()
+        if self.redis is not None:
+            self.redis.close()
+            done.append("redis stopped")
+        if self.tmp:
+            if self.args.keep:
+                done.append(f"kept {self.tmp}")
+            else:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+        return done
+
+
+class SetupError(Exception):
+    pass
+
+
+def fmt_s(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}s"
+
+
+def print_text(res: dict) -> None:
+    s = res["setup"]
+    print("celery-supervisor detection benchmark (bench/detect.py)")
+    print(f"  setup: {s['workers']} workers ({', '.join(s['hostnames'])}), --pool solo, local platform; "
+          f"loop.interval {s['interval']}, heartbeat_timeout {s['heartbeat_timeout']}, {s['trials']} trials")
+    print(f"  python {s['python']}, celery {s['celery']}, celery-supervisor {s['celery_supervisor']}, "
+          f"redis {s['redis_version']} ({s['redis_binary']}), {s['cpus']} CPUs, Linux {s['kernel']}")
+    print(f"  ping polled with timeout {s['ping_poll_timeout_s']}s; supervisor log level {s['supervisor_log_level']}; "
+          f"load average (1/5/15 min) {s['loadavg_at_start']} at the start, {s['loadavg_at_end']} at the end")
+    print(f"  percentiles: {res['percentile_method']}")
+    print()
+    print(f"  {'':<28}{'n':>4}{'p50':>10}{'p95':>10}{'min':>10}{'max':>10}{'mean':>10}")
+    rows = (("kill_to_restart_s", "kill -> restart issued"), ("kill_to_ping_s", "kill -> answers ping"),
+            ("restart_to_ping_s", "restart -> answers ping"), None,
+            ("kill_to_ready_logged_s", "kill -> worker logs ready"), ("ready_logged_to_ping_s", "ready -> answers ping"),
+            ("kill_to_supervisor_restart_logged_s", "kill -> sup. logs restart"),
+            ("kill_to_supervisor_sees_alive_s", "kill -> sup. sees all alive"))
+    for row in rows:
+        if row is None:
+            if any(res[k]["n"] for k, _ in rows[4:]):
+                print("  from log stamps (wall clock, 1 ms):")
+            continue
+        key, label = row
+        d = res[key]
+        if not d["n"]:
+            continue
+        print(f"  {label:<28}{d['n']:>4}" + "".join(f"{fmt_s(d[k]):>10}" for k in ("p50", "p95", "min", "max", "mean")))
+    n_ok = res["kill_to_restart_s"]["n"]
+    print(f"  restart issued within one loop.interval of the kill: {res['restarted_within_one_interval']}/{n_ok}, "
+          f"within two: {res['restarted_within_two_intervals']}/{n_ok}")
+    sv = res["supervisor"]
+    print()
+    print(f"  supervisor process: {sv['cpu_s']} CPU s over {sv['wall_s']} s wall = {sv['cpu_pct_of_one_core']} % "
+          f"of one core (startup before the first trial: {sv['cpu_s_startup']} CPU s)")
+    if sv["ticks_in_window"]:
+        td = sv["tick_duration_s"]
+        print(f"  ticks: {sv['ticks_in_window']} in the window, {sv['cpu_ms_per_tick']} ms CPU per tick; tick "
+              f"duration p50 {fmt_s(td['p50'])}, p95 {fmt_s(td['p95'])}, max {fmt_s(td['max'])}")
+    print(f"  peak RSS: {sv['peak_rss_mb_vmhwm']} MB (VmHWM), {sv['peak_rss_mb_sampled']} MB (max of "
+          f"{sv['rss_samples']} VmRSS samples)")
+    for line in sv["log_problems"]:
+        print(f"  supervisor log: {line}")
+    if res["failed"]:
+        print()
+        for t in res["failed"]:
+            print(f"  FAILED trial {t['n']} ({t['victim']}, pid {t['old_pid']}): {t['error']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--trials", type=int, default=10)
+    p.add_argument("--workers", type=int, default=3)
+    p.add_argument("--interval", default="1s", help="loop.interval (default 1s)")
+    p.add_argument("--heartbeat-timeout", default="10s")
+    p.add_argument("--timeout", type=float, default=60.0, help="per trial: restart and ping must happen by then")
+    p.add_argument("--ping-timeout", type=float, default=0.1, help="each targeted ping's wait (polling step)")
+    p.add_argument("--settle", type=float, default=3.0, help="seconds of calm before each kill")
+    p.add_argument("--supervisor-log-level", default="DEBUG", choices=["DEBUG", "INFO"],
+                   help="DEBUG (default) logs one line per tick: gives tick durations and the steady state")
+    p.add_argument("--seed", type=int, default=None, help="seed of the random kill phase (default: random)")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    p.add_argument("--keep", action="store_true", help="keep the temporary folder (config, logs, pid files)")
+    a = p.parse_args(argv)
+    if a.trials < 1 or a.workers < 1:
+        p.error("--trials and --workers must be at least 1")
+
+    def on_term(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    b = Bench(a)
+    code = 0
+    res = None
+    try:
+        b.setup()
+        res = b.run()
+        code = 1 if res["failed"] else 0
+    except KeyboardInterrupt:
+        log("interrupted")
+        code = 130
+    except SetupError as e:
+        log(f"setup failed: {e}")
+        code = 2
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave processes behind
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for line in b.cleanup():
+            log(f"cleanup: {line}")
+    if res is not None:
+        res["supervisor"]["exit_code_on_sigterm"] = b.sup_exit
+        if b.sup_exit not in (0, None):
+            res["supervisor"]["log_problems"].append(f"`supervisor run` exited {b.sup_exit} on SIGTERM")
+        if a.json:
+            print(json.dumps(res, indent=2))
+        else:
+            print_text(res)
+        if res["failed"]:
+            log(f"{len(res['failed'])} trial(s) failed: " + ", ".join(f"#{t['n']} {t['victim']}" for t in res["failed"]))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -48,6 +48,14 @@ class ConfigError(Exception):
         super().__init__("\n".join(f"{p}: {m}" if p else m for p, m in errors))
 
 
+def _unique_names(items: list, what: str) -> list:
+    names = [i.name for i in items]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"{what} names must be unique: {', '.join(dup)}")
+    return items
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
@@ -115,11 +123,7 @@ class NotifyConfig(_Model):
     @field_validator("channels")
     @classmethod
     def _unique(cls, v: list[ChannelConfig]) -> list[ChannelConfig]:
-        names = [c.name for c in v]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"channel names must be unique: {', '.join(dup)}")
-        return v
+        return _unique_names(v, "channel")
 
 
 # ---------------------------------------------------------------- platforms (connection settings)
@@ -305,20 +309,12 @@ class Config(_Model):
     @field_validator("groups")
     @classmethod
     def _unique_groups(cls, v: list[GroupConfig]) -> list[GroupConfig]:
-        names = [g.name for g in v]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"group names must be unique: {', '.join(dup)}")
-        return v
+        return _unique_names(v, "group")
 
     @field_validator("queues")
     @classmethod
     def _unique_queues(cls, v: list[QueueConfig]) -> list[QueueConfig]:
-        names = [q.name for q in v]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"queue names must be unique: {', '.join(dup)}")
-        return v
+        return _unique_names(v, "queue")
 
     def group_of(self, hostname: str) -> GroupConfig | None:
         """The group that names the hostname in its workers, else the first whose globs match it."""

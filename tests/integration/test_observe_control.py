@@ -13,13 +13,12 @@ import threading
 import time
 
 import pytest
-from kombu import Connection
 
 from supervisor.config import BrokerConfig
 from supervisor.observe.celeryapp import BrokerUnreachable, check_broker, make_app
 from supervisor.observe.control import active_queues, ping
 from tests.support.brokers import free_port
-from tests.support.workers import Worker, celery_app, wait_ping
+from tests.support.workers import celery_app, wait_ping
 
 SECRET = "hunter2secret"
 
@@ -29,49 +28,6 @@ def broker(request) -> BrokerConfig:
     if request.param == "redis":
         return BrokerConfig(url=request.getfixturevalue("redis_url"), connect_timeout=2)
     return BrokerConfig(url=request.getfixturevalue("rabbitmq_url"), connect_timeout=2)
-
-
-def delete_rabbitmq_queues(url: str, names: set[str]) -> None:
-    """Queues a worker declared on the shared RabbitMQ outlive it: remove them."""
-    with Connection(url, connect_timeout=3) as conn:
-        for name in names:
-            ch = conn.channel()
-            try:
-                ch.queue_delete(name)
-            except Exception:
-                pass
-            finally:
-                try:
-                    ch.close()
-                except Exception:
-                    pass
-
-
-@pytest.fixture
-def spawn(tmp_path, uid):
-    started: list[tuple[Worker, BrokerConfig, str]] = []
-
-    def _spawn(broker: BrokerConfig, hostname: str, queues: str | None = None) -> Worker:
-        # never the default "celery" queue: on a shared broker it holds other tests' tasks
-        queues = queues or f"{uid}-q"
-        w = Worker(
-            broker.url.get_secret_value(),
-            hostname,
-            queues=queues,
-            log=tmp_path / f"{hostname.replace('@', '_')}.log",
-        )
-        started.append((w, broker, queues))
-        return w
-
-    yield _spawn
-    for w, _, _ in started:
-        w.stop()
-    amqp: dict[str, set[str]] = {}
-    for _, broker, queues in started:
-        if not broker.is_redis:
-            amqp.setdefault(broker.url.get_secret_value(), set()).update(queues.split(","))
-    for url, names in amqp.items():
-        delete_rabbitmq_queues(url, names)
 
 
 @pytest.fixture

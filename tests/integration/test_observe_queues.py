@@ -19,7 +19,7 @@ from kombu import Connection
 from supervisor.config import BrokerConfig
 from supervisor.observe.celeryapp import BrokerUnreachable, make_app
 from supervisor.observe.queues import QueueReader
-from tests.support.brokers import free_port
+from tests.support.brokers import delete_rabbitmq_queues, free_port
 from tests.support.workers import Worker, celery_app, wait_ping
 
 SECRET = "hunter2secret"
@@ -52,18 +52,7 @@ def rabbit_queues(rabbitmq_url):
     """Names of RabbitMQ queues to delete after the test (they outlive it otherwise)."""
     names: list[str] = []
     yield names
-    with Connection(rabbitmq_url, connect_timeout=3) as conn:
-        for name in names:
-            ch = conn.channel()
-            try:
-                ch.queue_delete(name)
-            except Exception:
-                pass
-            finally:
-                try:
-                    ch.close()
-                except Exception:
-                    pass
+    delete_rabbitmq_queues(rabbitmq_url, names)
 
 
 # ---------------------------------------------------------------- Redis

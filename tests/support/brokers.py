@@ -26,3 +26,21 @@ def rabbitmq_available() -> bool:
 
 def rabbitmq_management_available() -> bool:
     return port_open("127.0.0.1", 15672)
+
+
+def delete_rabbitmq_queues(url: str, names) -> None:
+    """Queues a worker declared on the shared RabbitMQ outlive it: remove them."""
+    from kombu import Connection
+
+    with Connection(url, connect_timeout=3) as conn:
+        for name in names:
+            ch = conn.channel()
+            try:
+                ch.queue_delete(name)
+            except Exception:
+                pass
+            finally:
+                try:
+                    ch.close()
+                except Exception:
+                    pass

@@ -46,10 +46,10 @@ class Platform(ABC):
         self.config = config
 
     def group(self, name: str) -> GroupConfig:
-        for g in self.config.groups:
-            if g.name == name:
-                return g
-        raise KeyError(name)
+        g = self.config.group(name)
+        if g is None:
+            raise KeyError(name)
+        return g
 
     @abstractmethod
     def inventory(self, group: GroupConfig, known: Iterable[str] = ()) -> list[Target]:

@@ -33,6 +33,7 @@ import select
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -125,6 +126,29 @@ def _read_bytes(path: str) -> bytes | None:
         return None
 
 
+def _expand_hostname(value: str) -> str:
+    """Celery's -n expansions: %h (this host's name), %n (its first label), %d (the rest)."""
+    if "%" not in value:
+        return value
+    host = socket.gethostname()
+    name, _, domain = host.partition(".")
+    return value.replace("%h", host).replace("%n", name).replace("%d", domain).replace("%%", "%")
+
+
+def celery_hostname(argv: tuple[str, ...]) -> str | None:
+    """The Celery hostname of a `celery ... worker -n NAME` command line, or None if it is not one."""
+    if "worker" not in argv or not any("celery" in os.path.basename(a) or a == "celery" for a in argv[:4]):
+        return None
+    for i, a in enumerate(argv):
+        if a in ("-n", "--hostname") and i + 1 < len(argv):
+            return _expand_hostname(argv[i + 1])
+        if a.startswith("--hostname="):
+            return _expand_hostname(a.split("=", 1)[1])
+        if a.startswith("-n") and len(a) > 2 and not a.startswith("--"):
+            return _expand_hostname(a[2:])
+    return None
+
+
 class ProcScan:
     """One pass over /proc: each process's parent, state and start time; its argv and its marker
     are read only when asked for (and remembered for the rest of the pass)."""
@@ -196,14 +220,20 @@ class ProcScan:
             p = self.procs.get(p.ppid)
         return out
 
-    def copies(self, wanted: dict[str, tuple[str, ...] | None]) -> dict[str, list[Proc]]:
-        """For each target id: the live processes that are a copy of its worker (marker or exact
-        argv) and whose parent is not (pool children and a worker's own subprocesses are not
-        copies). This process and its ancestors never are."""
+    def copies(self, wanted: dict[str, tuple[str, ...] | None],
+               hostnames: dict[str, str] | None = None) -> dict[str, list[Proc]]:
+        """For each target id: the live processes that are a copy of its worker (marker, exact
+        argv, or a celery worker whose -n/--hostname is the target's Celery hostname: a worker
+        started by hand through the `celery` script runs as `python .../celery ...`) and whose
+        parent is not (pool children and a worker's own subprocesses are not copies). This process
+        and its ancestors never are."""
         by_argv: dict[tuple[str, ...], set[str]] = {}
         for tid, argv in wanted.items():
             if argv:
                 by_argv.setdefault(tuple(argv), set()).add(tid)
+        by_host: dict[str, set[str]] = {}
+        for tid, h in (hostnames or {}).items():
+            by_host.setdefault(h, set()).add(tid)
         owners_memo: dict[int, frozenset[str]] = {}
 
         def owners(pid: int) -> frozenset[str]:
@@ -212,10 +242,14 @@ class ProcScan:
                 m = self.marker(pid)
                 if m is not None and m in wanted:
                     found.add(m)
-                if by_argv:
+                if by_argv or by_host:
                     a = self.argv(pid)
                     if a is not None:
                         found |= by_argv.get(a, set())
+                        if by_host:
+                            h = celery_hostname(a)
+                            if h is not None:
+                                found |= by_host.get(h, set())
                 owners_memo[pid] = frozenset(found)
             return owners_memo[pid]
 
@@ -424,7 +458,8 @@ class Adapter(Platform):
         if cfg.cwd:
             parts.append(f"cd {shlex.quote(cfg.cwd)} &&")
         for name, value in cfg.env.items():
-            shown = redact.MASK if _SECRET_NAME.search(name) else shlex.quote(value)
+            secretish = _SECRET_NAME.search(name) or "://" in value or "@" in value or redact.looks_like_token(value)
+            shown = redact.MASK if secretish else shlex.quote(value)
             parts.append(f"{name}={shown}")
         parts.append(command)
         return redact.scrub(" ".join(parts))
@@ -476,7 +511,7 @@ class Adapter(Platform):
                 pending[tid] = h
         if pending:
             scan = ProcScan()
-            found = scan.copies({tid: self._argv_or_none(cfg, h) for tid, h in pending.items()})
+            found = scan.copies({tid: self._argv_or_none(cfg, h) for tid, h in pending.items()}, pending)
             for tid, h in pending.items():
                 roots = found.get(tid) or []
                 if roots:
@@ -506,8 +541,10 @@ class Adapter(Platform):
             if last is not None:
                 self._gone[tid] = (*last, now)
             elif pf is not None and tid not in self._gone:
-                # started by an earlier run of the supervisor (or another adapter): dead since we looked
-                self._gone[tid] = (pf.pid, pf.start, now)
+                # started by an earlier run of the supervisor (or another adapter) and gone before we
+                # ever saw it run: we did not witness the death (since None), so the core confirms it
+                # with a ping before it acts -- the worker may have been brought back by other means
+                self._gone[tid] = (pf.pid, pf.start, None)
             gone = self._gone.get(tid)
         if gone is not None:
             return Target(tid, group, hostname, "exited", f"not running (pid {gone[0]} gone)", gone[2])
@@ -537,7 +574,9 @@ class Adapter(Platform):
         except PlatformError as e:
             return RestartResult(False, redact.scrub(e))
         tid = target_id(group.name, hostname)
-        env = dict(os.environ)
+        # the supervisor's environment, less what holds its own secrets (Apprise URLs, passwords it
+        # read through ${VAR}): a worker gets those only when `env` names them
+        env = {k: v for k, v in os.environ.items() if redact.scrub(v) == v}
         env.update(cfg.env)
         env.setdefault("PYTHONUNBUFFERED", "1")  # so that logs() shows a crashed worker's last words
         env.setdefault("SPT_NOENV", "1")  # setproctitle: keep /proc/PID/environ (our marker) intact
@@ -575,7 +614,7 @@ class Adapter(Platform):
         with self._exclusive(tid) as mine:
             if not mine:
                 return False
-            _, error = self._stop_copies(tid, argv, read_pidfile(pid_path),
+            _, error = self._stop_copies(tid, argv, read_pidfile(pid_path), target.hostname,
                                          cfg.stop_timeout if timeout is None else timeout)
             if error is None:
                 with contextlib.suppress(OSError):
@@ -628,7 +667,7 @@ class Adapter(Platform):
     def _restart_locked(self, tid: str, group: str, hostname: str, argv: list[str], cwd: str | None,
                         env: dict[str, str], cfg: LocalRestart, reason: str) -> RestartResult:
         pid_path, log_path, _ = self._paths(tid)
-        stopped, error = self._stop_copies(tid, tuple(argv), read_pidfile(pid_path), cfg.stop_timeout)
+        stopped, error = self._stop_copies(tid, tuple(argv), read_pidfile(pid_path), hostname, cfg.stop_timeout)
         if error:
             return RestartResult(False, f"{hostname}: {error}; not starting a second copy")
         # start
@@ -692,7 +731,7 @@ class Adapter(Platform):
         msg += f"; last output:\n{out}" if out else "; it wrote no output"
         return RestartResult(False, redact.scrub(msg))
 
-    def _stop_copies(self, tid: str, argv: tuple[str, ...], pf: PidFile | None,
+    def _stop_copies(self, tid: str, argv: tuple[str, ...], pf: PidFile | None, hostname: str | None,
                      timeout: float) -> tuple[list[str], str | None]:
         """Stop every running copy of the target: SIGTERM, wait up to `timeout`, SIGKILL, and wait
         for them (and, after SIGKILL, their descendants) to be gone. (notes, error)."""
@@ -707,7 +746,7 @@ class Adapter(Platform):
         def scan_copies() -> tuple[ProcScan, list[Proc]]:
             self._reap()
             scan = ProcScan()
-            roots = scan.copies({tid: argv})[tid]
+            roots = scan.copies({tid: argv}, {tid: hostname} if hostname else None)[tid]
             if pf is not None and pf.start is not None and pf.pid not in never:
                 p = scan.procs.get(pf.pid)
                 if p is not None and p.start == pf.start and p.state not in ("Z", "X", "x") \

@@ -69,6 +69,12 @@ def main() -> None:
 def check_config(config_path: str) -> None:
     """Validate the config file; print every error with its path."""
     cfg = load(config_path)
+    missing = cfg.missing_adapters()
+    if missing:
+        click.echo(f"{config_path}: invalid config ({len(missing)} error{'s' if len(missing) != 1 else ''}):", err=True)
+        for p, msg in missing:
+            click.echo(f"  {p}: {msg}", err=True)
+        sys.exit(EXIT_INVALID_CONFIG)
     click.echo(f"{config_path}: OK")
     click.echo(f"  broker: {cfg.broker.display_url}")
     click.echo(f"  loop: every {cfg.loop.interval:g}s, state at {cfg.loop.state_path}")
@@ -135,16 +141,25 @@ def once(config_path: str, dry_run: bool, as_json: bool, log_level: str) -> None
     cfg = load(config_path)
     from supervisor.loop import Supervisor, report_json
 
-    sup = Supervisor(cfg, dry_run=dry_run, one_shot=True)
     try:
-        report = sup.once()
-    finally:
-        sup.close(flush=10.0)
+        sup = Supervisor(cfg, dry_run=dry_run, one_shot=True)
+        try:
+            report = sup.once()
+        finally:
+            sup.close(flush=10.0)
+    except Exception as e:  # a plugin-style command answers UNKNOWN (3), never a traceback and 1
+        _internal_error(e)
     if as_json:
         click.echo(json.dumps(report_json(report, cfg), indent=2, default=str))
     else:
         _print_report(report, cfg)
     sys.exit(report.exit_code)
+
+
+def _internal_error(e: Exception) -> None:
+    logging.getLogger("supervisor").error("internal error: %s", redact.scrub(e), exc_info=True)
+    click.echo(f"internal error (could not observe): {redact.scrub(e)}", err=True)
+    sys.exit(3)
 
 
 @main.command()
@@ -157,11 +172,15 @@ def nagios(config_path: str, log_level: str) -> None:
     from supervisor.loop import Supervisor
     from supervisor.nagios import nagios_line
 
-    sup = Supervisor(cfg, dry_run=True, one_shot=True)
     try:
-        report = sup.once()
-    finally:
-        sup.close(flush=0.0)
+        sup = Supervisor(cfg, dry_run=True, one_shot=True)
+        try:
+            report = sup.once()
+        finally:
+            sup.close(flush=0.0)
+    except Exception as e:
+        click.echo(f"CELERY UNKNOWN - internal error: {redact.scrub(e)}")
+        _internal_error(e)
     click.echo(nagios_line(report, cfg))
     sys.exit(report.exit_code)
 

@@ -65,7 +65,7 @@ class BrokerConfig(_Model):
     url: SecretStr
     transport_options: dict[str, Any] = Field(default_factory=dict)
     management_url: SecretStr | None = None
-    connect_timeout: Duration = 3.0  # connecting / one broker round trip; "could not observe" after this
+    connect_timeout: Duration = Field(3.0, ge=0.5)  # connecting / one broker round trip; "could not observe" after
 
     @field_validator("url")
     @classmethod
@@ -93,7 +93,7 @@ class BrokerConfig(_Model):
 class LoopConfig(_Model):
     interval: Duration = 5.0
     state_path: Path = Path("./supervisor-state.db")
-    ping_timeout: Duration = 1.0  # how long a targeted ping waits for replies
+    ping_timeout: Duration = Field(1.0, ge=0.1)  # how long a targeted ping waits for replies
 
     @field_validator("interval")
     @classmethod
@@ -257,8 +257,10 @@ class GroupConfig(_Model):
     def _something_to_match(self) -> GroupConfig:
         if not self.hostnames and not self.workers:
             raise ValueError("a group needs hostnames (globs) or workers (explicit hostnames)")
-        if self.heartbeat_timeout < 1.0:
-            raise ValueError("heartbeat_timeout must be at least 1s (workers heartbeat every 2s)")
+        if self.heartbeat_timeout < 3.0:
+            raise ValueError("heartbeat_timeout must be at least 3s (workers heartbeat every 2s)")
+        if self.hung_timeout < self.heartbeat_timeout:
+            raise ValueError("hung_timeout must not be shorter than heartbeat_timeout")
         return self
 
     def matches(self, hostname: str) -> bool:
@@ -316,6 +318,9 @@ class Config(_Model):
     def _unique_queues(cls, v: list[QueueConfig]) -> list[QueueConfig]:
         return _unique_names(v, "queue")
 
+    def group(self, name: str) -> GroupConfig | None:
+        return next((g for g in self.groups if g.name == name), None)
+
     def group_of(self, hostname: str) -> GroupConfig | None:
         """The group that names the hostname in its workers, else the first whose globs match it."""
         for g in self.groups:
@@ -325,6 +330,16 @@ class Config(_Model):
             if g.matches(hostname):
                 return g
         return None
+
+    def missing_adapters(self) -> list[tuple[str, str]]:
+        """(path, reason) for each group whose platform has no adapter in this version."""
+        import importlib.util
+
+        have = [k for k in PLATFORM_KINDS if importlib.util.find_spec(f"platforms.{k}") is not None]
+        return [(f"groups.{i}.restart.platform",
+                 f"no {g.restart.platform} adapter in this version of celery-supervisor (available: {', '.join(have)})")
+                for i, g in enumerate(self.groups)
+                if g.restart is not None and g.restart.platform not in have]
 
     def platform_kinds(self) -> set[str]:
         return {g.restart.platform for g in self.groups if g.restart is not None}

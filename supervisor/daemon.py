@@ -54,6 +54,14 @@ class Daemon:
         log.info("celery-supervisor %s: broker %s, every %s, %d group(s), %d queue(s), %d channel(s)",
                  __version__, cfg.broker.display_url, fd(cfg.loop.interval), len(cfg.groups), len(cfg.queues),
                  len(cfg.notify.channels))
+        if cfg.ha.lease != "off":
+            log.warning("ha.lease is %r but this version holds no leader lease yet: run a single replica "
+                        "(a second one would also restart workers); set ha.lease: off to silence this",
+                        cfg.ha.lease)
+        if cfg.http.listen:
+            log.warning("http.listen is set but this version serves no HTTP endpoint yet")
+        for path, msg in cfg.missing_adapters():
+            log.error("%s: %s: this group's workers are watched and alerted on, never restarted", path, msg)
         self.sup.start()
         self.scheduler = BackgroundScheduler(daemon=True)
         self.scheduler.add_job(

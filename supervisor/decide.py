@@ -31,7 +31,8 @@ class Decision:
 
     @property
     def exit_code(self) -> int:
-        """Nagios semantics: 0 ok, 1 warning, 2 critical, 3 could not observe."""
+        """Nagios semantics: 0 ok, 1 warning, 2 critical, 3 could not observe (the broker, or the
+        heartbeat stream without which no worker can be judged)."""
         if not self.observable:
             return 3
         return {"ok": 0, "info": 0, "warning": 1, "critical": 2}[self.severity]
@@ -43,10 +44,8 @@ class Core:
         self.policy = state or policy.PolicyState()
         self.book = book or rules.RuleBook()
         self.outage_since: float | None = None  # broker or heartbeat stream lost since
+        self.listening_since: float | None = None  # the stream's connection the last tick saw
         self.settle_until: float | None = None
-
-    def reconfigure(self, cfg: Config) -> None:
-        self.cfg = cfg
 
     # ---- broker outages: after one, give workers time to reconnect before judging their silence
     def _track_outage(self, obs: Observation) -> None:
@@ -59,6 +58,10 @@ class Core:
             outage = max(obs.listening_since - self.outage_since, 0.0)
             self.settle_until = obs.listening_since + min(max(2 * outage, SETTLE_MIN), SETTLE_MAX)
             self.outage_since = None
+        elif self.listening_since is not None and obs.listening_since != self.listening_since:
+            # the stream reconnected between two ticks (a blip no tick saw): workers reconnect too
+            self.settle_until = max(self.settle_until or 0.0, obs.listening_since + SETTLE_MIN)
+        self.listening_since = obs.listening_since
 
     def suspects(self, obs: Observation) -> list[str]:
         """Hostnames to confirm with a targeted ping before deciding."""
@@ -81,15 +84,18 @@ class Core:
             + rules.queue_findings(cfg, obs)
             + policy_findings
         )
-        # forget restarts whose grace is over and whose worker is back
+        # forget a restart once its worker is heard again after it (or its grace is over)
         for v in verdicts:
             if v.status == "alive" and v.hostname in restarted:
                 at, _ = restarted[v.hostname]
-                g = next(g for g in cfg.groups if g.name == v.group)
-                if g.restart is None or now - at >= g.restart.grace or v.reason == "back after restart":
+                ws = obs.workers.get(v.hostname)
+                back = ws is not None and ws.last_heartbeat is not None and ws.last_heartbeat > at
+                g = cfg.group(v.group)
+                if back or g.restart is None or now - at >= g.restart.grace:
                     del restarted[v.hostname]
         transitions = self.book.advance(findings, now, self._muted(findings), self._frozen(obs, verdicts))
-        return Decision(now, obs.broker_ok, verdicts, findings, transitions, plans, rules.worst(findings),
+        observable = obs.broker_ok and obs.listening_since is not None
+        return Decision(now, observable, verdicts, findings, transitions, plans, rules.worst(findings),
                         dict(self.book.states))
 
     def _muted(self, findings: list[Finding]) -> set[str]:
@@ -103,16 +109,22 @@ class Core:
 
         unreadable = {q.name for q in self.cfg.queues if obs.queues.get(q.name) is None
                       or obs.queues[q.name].length is None}
+        uncounted = {q.name for q in self.cfg.queues if obs.queues.get(q.name) is None
+                     or obs.queues[q.name].consumers is None}
+        uncountable = {g.name for g in self.cfg.groups
+                       if not rules.can_count(g, obs, [v for v in verdicts if v.group == g.name])}
 
         def frozen(st: RuleState) -> bool:
-            if obs.broker_ok and st.rule in ("queue_backlog", "queue_consumers"):
-                return st.subject in unreadable
             if not obs.broker_ok:
                 return st.rule not in ("broker_unreachable", "platform_error")
+            if st.rule == "queue_backlog":
+                return st.subject in unreadable
+            if st.rule == "queue_consumers":
+                return st.subject in unreadable or st.subject in uncounted
             if st.rule in WORKER_RULES:
                 return st.hostname in unknown_hosts
             if st.rule == "group_below_min":
-                return st.group in unknown_groups or obs.listening_since is None
+                return st.group in unknown_groups or st.group in uncountable
             return False
 
         return frozen
@@ -121,10 +133,7 @@ class Core:
         policy.record(self.policy, plan, at, ok)
 
     def budget(self, group_name: str, target_id: str, now: float) -> policy.Budget | None:
-        g = next((g for g in self.cfg.groups if g.name == group_name), None)
+        g = self.cfg.group(group_name)
         if g is None or g.restart is None:
             return None
         return policy.budget(self.policy, g, target_id, now)
-
-    def states(self) -> list[RuleState]:
-        return self.book.active()

@@ -17,7 +17,7 @@ from supervisor import redact
 from supervisor.config import Config, GroupConfig
 from supervisor.decide import Core, Decision
 from supervisor.durations import format_duration as fd
-from supervisor.model import Action, Observation, QueueSeen, Target, WorkerVerdict
+from supervisor.model import Action, Observation, QueueSeen, Target, Transition, WorkerVerdict
 
 log = logging.getLogger("supervisor")
 LOG_LINES = 30  # lines of a crashed target's output attached to its alert
@@ -107,13 +107,15 @@ class Supervisor:
             return (), redact.scrub(f"{type(e).__name__}: {e}" if not str(e) else str(e))
 
     # ------------------------------------------------------------ observe
-    def observe(self) -> Observation:
+    def observe(self, broker_error: str | None | bool = False) -> Observation:
+        """``broker_error``: the result of a broker check the caller just made (`once`), so that a
+        down broker is not waited for twice; False to check here."""
         from supervisor.observe import control
-        from supervisor.observe.celeryapp import check_broker
+        from supervisor.observe.celeryapp import BrokerUnreachable, check_broker
 
         cfg = self.cfg
         now = self.clock()
-        err = check_broker(self.app, cfg.broker.connect_timeout)
+        err = check_broker(self.app, cfg.broker.connect_timeout) if broker_error is False else broker_error
         snap = self.heartbeats.snapshot()
         workers = dict(snap.workers)
         targets: dict[str, tuple[Target, ...]] = {}
@@ -127,6 +129,7 @@ class Supervisor:
                 perrs[g.name] = e
         obs = Observation(
             now=now, broker_ok=err is None, broker_error=err, listening_since=snap.listening_since,
+            stream_error=snap.error,
             workers=workers, targets=targets, platform_errors=perrs, one_shot=self.one_shot,
         )
         if err is not None:
@@ -139,7 +142,7 @@ class Supervisor:
                 pinged = frozenset(sus)
                 pongs = frozenset(control.ping(self.app, sus, cfg.loop.ping_timeout))
             queues = self._queues(workers, now)
-        except Exception as e:
+        except BrokerUnreachable as e:  # the broker went away mid-tick (anything else is a bug: raise)
             return replace(obs, broker_ok=False, broker_error=redact.scrub(e))
         return replace(obs, pinged=pinged, pongs=pongs, queues=queues, now=self.clock())
 
@@ -156,8 +159,12 @@ class Supervisor:
             if listening is None or now - listening < CONSUMERS_AFTER:
                 # consumers are counted among the workers we hear: too early to know them all
                 return {n: replace(q, consumers=None) for n, q in seen.items()}
-            alive = [h for h, w in workers.items() if w.last_heartbeat and now - w.last_heartbeat < 10
-                     and w.offline_at is None]
+            def heard(h, w) -> bool:
+                g = cfg.group_of(h)
+                timeout = g.heartbeat_timeout if g is not None else 10.0
+                return bool(w.last_heartbeat) and now - w.last_heartbeat < timeout and w.offline_at is None
+
+            alive = [h for h, w in workers.items() if heard(h, w)]
             # nobody alive: nobody consumes (and asking would wait the whole timeout for no reply)
             replies = control.active_queues(self.app, len(alive), cfg.loop.ping_timeout) if alive else {}
             counts: dict[str, int] = {}
@@ -168,10 +175,10 @@ class Supervisor:
         return seen
 
     # ------------------------------------------------------------ one tick
-    def tick(self) -> TickReport:
+    def tick(self, broker_error: str | None | bool = False) -> TickReport:
         with self._lock:
             t0 = time.monotonic()
-            obs = self.observe()
+            obs = self.observe(broker_error)
             decision = self.core.decide(obs)
             report = TickReport(obs, decision, platform_errors=dict(obs.platform_errors))
             details: dict[str, list[str]] = {}
@@ -190,13 +197,12 @@ class Supervisor:
         return report
 
     def _target(self, group: GroupConfig, hostname: str, obs: Observation) -> Target:
-        for t in obs.targets.get(group.name, ()):
-            if t.hostname == hostname:
-                return t
-        return self.platform(group.restart.platform).target_for(group, hostname)
+        from supervisor.rules import target_of
+
+        return target_of(obs, group.name, hostname) or self.platform(group.restart.platform).target_for(group, hostname)
 
     def _restart(self, plan, decision: Decision, obs: Observation) -> tuple[Action, str]:
-        g = next(g for g in self.cfg.groups if g.name == plan.group)
+        g = self.cfg.group(plan.group)
         kind = g.restart.platform
         base = Action("restart", plan.group, plan.target_id, plan.reason, hostname=plan.hostname,
                       budget_left=plan.budget_left, canary=plan.canary)
@@ -234,9 +240,21 @@ class Supervisor:
         return replace(base, executed=True, result=("ok" if ok else "failed") + (f": {msg}" if msg else "")), detail
 
     def _alert(self, decision: Decision, details: dict[str, list[str]]) -> list[Action]:
-        from supervisor.notify import message_for, routes
+        from supervisor.notify import message_for
 
         actions: list[Action] = []
+        told = {tr.state.hostname for tr in decision.transitions}
+        updates = []
+        for host, done in details.items():
+            if host in told:
+                continue
+            # a restart without a state change (the 2nd in the window, a failed one): say it anyway
+            st = next((st for st in decision.states.values() if st.hostname == host and st.state == "firing"
+                       and st.rule in ("worker_lost", "worker_unresponsive")), None)
+            if st is not None and st.key in self.core.book.notified:
+                updates.append((Transition(st.key, "firing", "firing", st), "\n".join(done)))
+        for tr, text in updates:
+            actions += self._deliver(message_for(tr, text, update=True))
         for tr in decision.transitions:
             extra = list(details.get(tr.state.hostname or "", []))
             if tr.new == "firing" and not extra and tr.state.hostname:
@@ -245,14 +263,16 @@ class Supervisor:
                     extra.append(f"no restart now: {note}")
             if tr.new == "resolved" and tr.state.fired_at is not None:
                 extra.append(f"resolved after {fd(decision.now - tr.state.fired_at)}")
-            msg = message_for(tr, "\n".join(extra))
-            if self.dry_run:
-                for ch in routes(msg, self.cfg.notify.channels):
-                    actions.append(Action("alert", msg.group, ch.name, msg.title, hostname=msg.hostname,
-                                          severity=msg.severity, result="dry run: not sent"))
-            else:
-                actions += self.notifier.send(msg)
+            actions += self._deliver(message_for(tr, "\n".join(extra)))
         return actions
+
+    def _deliver(self, msg) -> list[Action]:
+        from supervisor.notify import routes
+
+        if not self.dry_run:
+            return self.notifier.send(msg)
+        return [Action("alert", msg.group, ch.name, msg.title, hostname=msg.hostname, severity=msg.severity,
+                       result="dry run: not sent") for ch in routes(msg, self.cfg.notify.channels)]
 
     def _log(self, r: TickReport) -> None:
         d = r.decision
@@ -284,7 +304,7 @@ class Supervisor:
             since = self.heartbeats.snapshot().listening_since
             if since is not None:
                 time.sleep(max(0.0, listen - (self.clock() - since)))
-        return self.tick()
+        return self.tick(broker_error=err)
 
 
 # ------------------------------------------------------------ JSON document of `once --json` / status

@@ -71,6 +71,7 @@ class Observation:
     broker_error: str | None = None
     # since when the heartbeat stream has been connected without a break (None: not connected)
     listening_since: float | None = None
+    stream_error: str | None = None  # why the heartbeat stream is not connected
     workers: Mapping[str, WorkerSeen] = field(default_factory=dict)
     pinged: frozenset[str] = frozenset()  # hostnames we pinged this tick
     pongs: frozenset[str] = frozenset()  # of those, the ones that answered

@@ -80,8 +80,9 @@ def truncate_detail(text: str, limit: int = DETAIL_LIMIT) -> str:
     return "\n".join(x for x in (head, f"[... {cut} characters left out ...]", tail) if x)
 
 
-def message_for(transition: Transition, detail: str = "", now: float | None = None) -> Message:
-    """The message people get for a rule state change (firing or resolved).
+def message_for(transition: Transition, detail: str = "", now: float | None = None, update: bool = False) -> Message:
+    """The message people get for a rule state change (firing or resolved), or with ``update`` for
+    something the supervisor did about a finding already announced (a second restart, its failure).
 
     ``detail`` says what the supervisor did (restart result, platform log lines); it is truncated
     to ``DETAIL_LIMIT`` characters keeping its end. ``now`` (optional) only sharpens the "for ..."
@@ -92,6 +93,8 @@ def message_for(transition: Transition, detail: str = "", now: float | None = No
     where = f" (group {st.group})" if st.group else ""
     if resolved:
         title = f"[RESOLVED] {st.rule} {st.subject}{where}"
+    elif update:  # no state change, but the supervisor did something about it (a later restart)
+        title = f"[STILL FIRING {st.severity}] {st.rule} {st.subject}{where}"
     else:
         title = f"[FIRING {st.severity}] {st.rule} {st.subject}{where}"
 

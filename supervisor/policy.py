@@ -135,7 +135,7 @@ def plan(
                 findings.append(Finding(
                     "restart_gave_up", v.hostname, "critical",
                     f"{v.hostname}: gave up after {b.used} restarts in {fd(g.restart.window)}; still {v.status} "
-                    f"({v.reason}); no more restarts until the window clears or `supervisor reset {tid}`",
+                    f"({v.reason}); no more restarts of {tid} until the window clears",
                     g.name, v.hostname))
                 continue
             if b.next_at is not None and now < b.next_at:
@@ -171,8 +171,8 @@ def _mode_findings(g: GroupConfig, mode: GroupMode) -> list[Finding]:
         findings.append(Finding(
             "group_systemic", g.name, "critical",
             f"group {g.name}: canary {mode.canary} did not come back after its restart; the failure looks "
-            f"systemic (broker, code, platform?): no more restarts in this group until it recovers or "
-            f"`supervisor reset {g.name}`", g.name))
+            f"systemic (broker, code, platform?): no more restarts in this group until its workers are "
+            f"back", g.name))
     return findings
 
 
@@ -188,13 +188,3 @@ def record(state: PolicyState, plan_: RestartPlan, at: float, ok: bool) -> None:
         if mode is not None:
             mode.mode, mode.since = "systemic", at
 
-
-def reset(state: PolicyState, name: str) -> list[str]:
-    """Clear spent budgets and systemic modes for a target id, hostname or group. Returns what was cleared."""
-    cleared = [t for t in state.history if name in (t,) or t.endswith(f".{name}")]
-    for t in cleared:
-        del state.history[t]
-    if name in state.groups:
-        del state.groups[name]
-        cleared.append(f"group {name}")
-    return cleared

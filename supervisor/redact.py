@@ -63,11 +63,11 @@ def register_url(url: str | None, tokens: bool = False) -> None:
     # tokens in the path or query of an Apprise URL: segments that look like tokens (not plain words
     # such as "services", "markdown" or "starttls", which would then be masked everywhere)
     for seg in re.split(r"[/?&=#]", f"{parts.path}?{parts.query}"):
-        if _looks_like_token(seg):
+        if looks_like_token(seg):
             register_secret(seg)
 
 
-def _looks_like_token(seg: str) -> bool:
+def looks_like_token(seg: str) -> bool:
     if len(seg) < 8 or "@" in seg:
         return False
     if len(seg) >= 20:

@@ -23,6 +23,8 @@ from supervisor.model import (
     WorkerVerdict,
 )
 
+TRANSIENT_HOLD = 10.0
+
 # hostname -> (when we restarted it, the rule that made us do it)
 Restarts = Mapping[str, tuple[float, str]]
 
@@ -39,11 +41,20 @@ def group_hostnames(cfg: Config, group: GroupConfig, obs: Observation) -> list[s
     return sorted(names)
 
 
-def _target(obs: Observation, group: str, hostname: str) -> Target | None:
+def target_of(obs: Observation, group: str, hostname: str) -> Target | None:
     for t in obs.targets.get(group, ()):
         if t.hostname == hostname:
             return t
     return None
+
+
+def _platform_contradicted(t: Target, ws: WorkerSeen | None, group: GroupConfig, now: float) -> bool:
+    """The platform says the target died, but the worker heartbeated recently and after the death
+    the platform saw (or the platform did not witness when it died): a ping decides."""
+    last = ws.last_heartbeat if ws else None
+    if last is None or ws.offline_at is not None or now - last > group.heartbeat_timeout:
+        return False
+    return t.since is None or last > t.since
 
 
 def _silence(ws: WorkerSeen | None, obs: Observation) -> float | None:
@@ -60,10 +71,10 @@ def is_suspect(cfg: Config, group: GroupConfig, hostname: str, obs: Observation,
     at = restarts.get(hostname, (None, ""))[0]
     if at is not None and group.restart is not None and obs.now - at < group.restart.grace:
         return False
-    t = _target(obs, group.name, hostname)
-    if t is not None and t.state in DEAD_STATES:
-        return False
+    t = target_of(obs, group.name, hostname)
     ws = obs.workers.get(hostname)
+    if t is not None and t.state in DEAD_STATES:
+        return _platform_contradicted(t, ws, group, obs.now)  # only then is a ping needed
     if ws is not None and ws.offline_at is not None and hostname not in group.workers:
         return False
     if obs.one_shot:
@@ -88,7 +99,7 @@ def judge_worker(
     now = obs.now
     explicit = hostname in group.workers
     ws = obs.workers.get(hostname)
-    tgt = _target(obs, group.name, hostname)
+    tgt = target_of(obs, group.name, hostname)
     silent = _silence(ws, obs)
     v = WorkerVerdict(hostname, group.name, "unknown", "", explicit, silent, tgt)
 
@@ -104,9 +115,9 @@ def judge_worker(
 
     if hostname in obs.pongs:
         return replace(v, status="alive", reason="answered ping")
-    if tgt is not None and tgt.state in DEAD_STATES and fresh and tgt.since is not None and last > tgt.since:
-        # heard after the platform saw it die: something else serves this hostname
-        return replace(v, status="alive", reason=f"heartbeat {fd(now - last)} ago ({tgt.id} {tgt.state} here)")
+    contradicted = tgt is not None and tgt.state in DEAD_STATES and _platform_contradicted(tgt, ws, group, now)
+    if contradicted and hostname not in obs.pinged:  # once pinged without a pong, the platform's word stands
+        return replace(v, reason=f"{tgt.id} {tgt.state} but heartbeat {fd(now - last)} ago: confirming by ping")
     if tgt is not None and tgt.state in DEAD_STATES:
         exited_before_restart = restarted_at is not None and (tgt.since is None or tgt.since <= restarted_at)
         if in_grace and exited_before_restart:
@@ -185,14 +196,22 @@ def worker_findings(cfg: Config, obs: Observation, verdicts: list[WorkerVerdict]
         if g.min_workers <= 0:
             continue
         vs = [v for v in verdicts if v.group == g.name]
-        if obs.listening_since is None or any(v.status == "unknown" for v in vs):
-            continue  # cannot count yet
+        if not can_count(g, obs, vs):
+            continue
         alive = sum(v.status == "alive" for v in vs)
         if alive < g.min_workers:
             out.append(Finding("group_below_min", g.name, "critical",
                                f"group {g.name}: {alive} worker(s) alive, needs at least {g.min_workers}",
                                g.name, value=alive))
     return out
+
+
+def can_count(g: GroupConfig, obs: Observation, verdicts: list[WorkerVerdict]) -> bool:
+    """Whether the group's alive workers can be counted now: the stream has listened long enough
+    to have heard every worker of a glob (a `once` window suffices) and none is undecided."""
+    if obs.listening_since is None or any(v.status == "unknown" for v in verdicts):
+        return False
+    return obs.one_shot or obs.now - obs.listening_since >= g.heartbeat_timeout
 
 
 def queue_findings(cfg: Config, obs: Observation) -> list[Finding]:
@@ -204,7 +223,8 @@ def queue_findings(cfg: Config, obs: Observation) -> list[Finding]:
         if seen is None:
             continue
         if seen.error and seen.length is None:
-            out.append(Finding("queue_unreadable", q.name, "warning", f"queue {q.name}: {seen.error}"))
+            out.append(Finding("queue_unreadable", q.name, "warning", f"queue {q.name}: {seen.error}",
+                               hold=transient_hold(cfg)))
             continue
         n = seen.length or 0
         sev = None
@@ -222,14 +242,27 @@ def queue_findings(cfg: Config, obs: Observation) -> list[Finding]:
     return out
 
 
+def transient_hold(cfg: Config) -> float:
+    """How long an observation failure must last before it pages: one failed tick is not an outage
+    (the exit code of `once`/`nagios` reports it at once all the same)."""
+    return max(TRANSIENT_HOLD, 2 * cfg.loop.interval)
+
+
 def broker_findings(cfg: Config, obs: Observation) -> list[Finding]:
     out = []
+    hold = transient_hold(cfg)
     if not obs.broker_ok:
         out.append(Finding("broker_unreachable", "broker", "critical",
                            f"broker {cfg.broker.display_url} unreachable: {obs.broker_error or 'no answer'}; "
-                           "no worker is restarted while it is"))
+                           "no worker is restarted while it is", hold=hold))
+    elif obs.listening_since is None:
+        out.append(Finding("heartbeats_unavailable", "broker", "critical",
+                           f"cannot follow worker heartbeats on {cfg.broker.display_url}: "
+                           f"{obs.stream_error or 'event stream not connected'}; workers cannot be judged",
+                           hold=hold))
     for group, err in sorted(obs.platform_errors.items()):
-        out.append(Finding("platform_error", group, "warning", f"group {group}: platform error: {err}", group))
+        out.append(Finding("platform_error", group, "warning", f"group {group}: platform error: {err}", group,
+                           hold=hold))
     return out
 
 
@@ -247,9 +280,10 @@ class RuleBook:
     """Alertmanager-like state per finding key. ``advance`` is fed the findings that hold now and
     returns what people must be told: firing (after `hold`), escalation, resolved."""
 
-    def __init__(self, states: dict[str, RuleState] | None = None, notified: set[str] | None = None):
+    def __init__(self, states: dict[str, RuleState] | None = None, notified: dict[str, str] | None = None):
         self.states: dict[str, RuleState] = dict(states or {})
-        self.notified: set[str] = set(notified or ())  # keys whose firing was announced
+        # key -> the highest severity announced as firing (a resolve goes where the firing went)
+        self.notified: dict[str, str] = dict(notified or {})
 
     def advance(
         self, findings: list[Finding], now: float, muted: set[str] = frozenset(), frozen=lambda st: False
@@ -263,21 +297,25 @@ class RuleBook:
             st = self.states.get(key)
             if st is None:
                 st = RuleState(key, f.rule, f.subject, "pending", f.severity, f.summary, now, f.group, f.hostname)
-            escalated = st.state == "firing" and SEVERITY_RANK[f.severity] > SEVERITY_RANK[st.severity]
             st = replace(st, severity=f.severity, summary=f.summary)
             if st.state == "pending" and now - st.since >= f.hold:
                 st = replace(st, state="firing", fired_at=now)
             self.states[key] = st
-            if st.state == "firing" and key not in muted and (key not in self.notified or escalated):
-                out.append(Transition(key, "pending" if key not in self.notified else "firing", "firing", st))
-                self.notified.add(key)
+            announced = self.notified.get(key)
+            # only a severity above what was already announced pages again (a value hovering
+            # around a threshold does not page on every crossing)
+            escalated = announced is not None and SEVERITY_RANK[f.severity] > SEVERITY_RANK[announced]
+            if st.state == "firing" and key not in muted and (announced is None or escalated):
+                out.append(Transition(key, "pending" if announced is None else "firing", "firing", st))
+                self.notified[key] = f.severity
         for key in [k for k in self.states if k not in current]:
             if frozen(self.states[key]):
                 continue
             st = self.states.pop(key)
-            if key in self.notified:
-                self.notified.discard(key)
-                out.append(Transition(key, "firing", "resolved", replace(st, state="resolved", resolved_at=now)))
+            announced = self.notified.pop(key, None)
+            if announced is not None:
+                out.append(Transition(key, "firing", "resolved",
+                                      replace(st, state="resolved", resolved_at=now, severity=announced)))
         return out
 
     def active(self) -> list[RuleState]:

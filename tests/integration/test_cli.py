@@ -253,7 +253,7 @@ def test_secrets_never_printed_nor_delivered(tmp_path, pw_redis, uid, cleanup):
                 ], "retry": ["200ms"]},
                 "platforms": {"cloudfoundry": {"api_url": "http://127.0.0.1:1", "username": "u",
                                                "password": CF_PW, **broken.get("cf", {})}},
-                "groups": [{"name": "g", "workers": [lost], "heartbeat_timeout": "2s",
+                "groups": [{"name": "g", "workers": [lost], "heartbeat_timeout": "3s",
                             "restart": {"platform": "local", "target": target, "env": {"CELERY_BROKER_URL": url},
                                         "grace": "1s", "backoff": "1s", "max_restarts": 10, "stop_timeout": "2s"}}],
                 "queues": [{"name": f"{uid}-q", "warning": 100}],

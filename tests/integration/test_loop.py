@@ -83,7 +83,7 @@ def test_busy_solo_worker_is_not_restarted_before_hung_timeout(redis_url, tmp_pa
     f = Fleet(tmp_path, {
         "broker": {"url": redis_url},
         "notify": channel(catcher),
-        "groups": [{"name": "g", "workers": [host], "heartbeat_timeout": "2s", "hung_timeout": "60s",
+        "groups": [{"name": "g", "workers": [host], "heartbeat_timeout": "3s", "hung_timeout": "60s",
                     "restart": local_restart(redis_url, pool="solo", queues=queue)}],
     })
     fleets.append(f)
@@ -185,7 +185,7 @@ def test_crash_looping_worker_gives_up_once(redis_url, tmp_path, uid, catcher, f
     f = Fleet(tmp_path, {
         "broker": {"url": redis_url},
         "notify": channel(catcher),
-        "groups": [{"name": "g", "workers": [host], "heartbeat_timeout": "2s", "restart": broken}],
+        "groups": [{"name": "g", "workers": [host], "heartbeat_timeout": "3s", "restart": broken}],
     })
     fleets.append(f)
     f.run()

@@ -20,7 +20,7 @@ import pytest
 
 from platforms.local import MARKER, Adapter, target_id
 from supervisor.config import parse_config
-from tests.support.workers import APP_DIR, Worker, celery_app, wait_ping, worker_command
+from tests.support.workers import APP_DIR, Worker, celery_app, wait_ping, worker_command, worker_env
 
 pytestmark = pytest.mark.redis
 PY = shlex.quote(sys.executable)
@@ -376,6 +376,32 @@ def test_worker_started_by_hand_is_adopted_then_replaced(env, app):
     new = env.pidfile(a, t.id)["pid"]
     assert copies(t.id) == [new]
     wait_ping(app, h)
+
+
+def test_worker_started_by_hand_through_the_celery_script_is_found(env, app, redis_url):
+    """The kernel shows a console-script worker as `python .../bin/celery ... -n HOST`: not the
+    rendered argv. It must still be found by its Celery hostname, never doubled."""
+    a, g = env.adapter()
+    h = env.host()
+    t = a.target_for(g, h)
+    script = os.path.join(os.path.dirname(sys.executable), "celery")
+    assert os.path.exists(script), script
+    p = subprocess.Popen([script, "-A", "tasks", "worker", "-n", h, "--pool", "solo", "-Q", f"{h}-q",
+                          "--without-mingle", "--without-gossip", "-l", "WARNING"],
+                         cwd=str(APP_DIR), env=worker_env(redis_url), stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_ping(app, h)
+        seen = state_of(a, g, h)
+        assert seen.state == "running" and str(p.pid) in seen.detail, seen
+        res = a.restart(t, "test")
+        assert res.ok and str(p.pid) in res.message, res.message
+        assert p.wait(10) is not None  # the hand-started copy was stopped before the new one started
+        assert copies(t.id) == [env.pidfile(a, t.id)["pid"]]
+        wait_ping(app, h)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, 9)
 
 
 def test_prefork_pool_children_go_with_their_worker(env, app):

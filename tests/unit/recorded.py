@@ -23,7 +23,7 @@ BROKER_URL = f"redis://:{BROKER_PASSWORD}@localhost:6379/0"
 
 def restart_cfg(**kw: Any) -> dict:
     r = {
-        "platform": "systemd",
+        "platform": "local",
         "target": "celery-{node}.service",
         "max_restarts": 3,
         "window": "30m",

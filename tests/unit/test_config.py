@@ -103,10 +103,10 @@ class TestValid:
 
 class TestDurationsInConfig:
     @pytest.mark.parametrize("text,seconds", [
-        ("500ms", 0.5), ("10s", 10), ("5m", 300), ("1h", 3600), ("1h30m", 5400), (15, 15), (2.5, 2.5), ("7", 7),
+        ("3500ms", 3.5), ("10s", 10), ("5m", 300), ("1h", 3600), ("1h30m", 5400), (15, 15), (4.5, 4.5), ("7", 7),
     ])
     def test_accepted(self, text, seconds):
-        cfg = parse_config(groups(group(heartbeat_timeout=10, hung_timeout=text)), env={})
+        cfg = parse_config(groups(group(heartbeat_timeout=3, hung_timeout=text)), env={})
         assert cfg.groups[0].hung_timeout == seconds
 
     @pytest.mark.parametrize("bad", ["10 parsecs", "ten", "-5s", "5s10", "", True, [1], {"s": 1}])
@@ -117,6 +117,17 @@ class TestDurationsInConfig:
     def test_heartbeat_timeout_floor(self):
         [(path, msg)] = errors_of(groups(group(heartbeat_timeout="500ms")))
         assert path == "groups.0" and "heartbeat_timeout" in msg
+
+    def test_unsafe_timeouts_are_refused(self):
+        """A zero ping timeout would call every silent worker lost; a hung_timeout shorter than the
+        heartbeat timeout would restart a busy solo pool."""
+        assert "hung_timeout" in errors_of(groups(group(heartbeat_timeout="10s", hung_timeout="5s")))[0][1]
+        data = groups(group())
+        data["loop"] = {"ping_timeout": 0}
+        assert [p for p, _ in errors_of(data)] == ["loop.ping_timeout"]
+        data = groups(group())
+        data["broker"]["connect_timeout"] = 0
+        assert [p for p, _ in errors_of(data)] == ["broker.connect_timeout"]
 
 
 class TestInterpolation:

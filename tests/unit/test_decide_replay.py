@@ -367,7 +367,7 @@ class TestBrokerOutage:
         f.broker_up(at=203)
         ds = f.run(205, 600)
         assert restarts(ds) == []
-        assert resolved(ds) == ["broker_unreachable:broker"]
+        assert resolved(ds) == []  # a 3 s blip is below the transient hold: it never paged
         assert fired(ds) == []  # no second mass-loss alert, no second canary
         assert f.core.policy.groups["web"].mode == "systemic"
 
@@ -386,7 +386,7 @@ class TestBrokerOutage:
         f.broker_up(at=108)  # settle until 118
         ds = f.run(110, 200)
         assert {status(d, W1) for d in ds} <= {"unknown", "lost"}
-        assert resolved(ds) == ["broker_unreachable:broker"]  # no "web-1 resolved" ...
+        assert resolved(ds) == []  # no "web-1 resolved" (and the 3 s blip never paged) ...
         assert fired(ds) == []  # ... and no second "web-1 lost" 30s later
 
 
@@ -500,9 +500,11 @@ class TestQueues:
         f = self.make()
         f.queue("default", None, error="NOAUTH Authentication required")
         d = f.tick(100)
-        assert fired(d) == ["queue_unreadable:default"] and d.exit_code == 1
+        # one failed read does not page (transient hold); the exit code says it at once
+        assert fired(d) == [] and d.exit_code == 1
+        assert fired(f.tick(111)) == ["queue_unreadable:default"]
         f.queue("default", 0, consumers=1)
-        assert resolved(f.tick(105)) == ["queue_unreadable:default"]
+        assert resolved(f.tick(115)) == ["queue_unreadable:default"]
 
     def test_unreadable_queue_does_not_resolve_its_backlog_alert(self):
         # We cannot tell that the backlog drained: resolving it would tell on-call all is well.

@@ -83,7 +83,7 @@ class TestPlan:
     def test_platform_error_restarts_nothing_in_that_group(self):
         plans, _, st = plan(cfg_with(), [V(1, "dead")], platform_errors={"web": "403 Forbidden"})
         # planned from the broker's view (dry-run shows it), blocked: the shell never executes it
-        assert [(p.hostname, p.blocked) for p in plans] == [("celery@web-1", "platform systemd unreachable: 403 Forbidden")]
+        assert [(p.hostname, p.blocked) for p in plans] == [("celery@web-1", "platform local unreachable: 403 Forbidden")]
         assert "403 Forbidden" in st.notes["celery@web-1"]
 
     def test_max_restarts_zero_disables_restarts_without_giving_up(self):
@@ -107,7 +107,7 @@ class TestPlan:
         assert plans == []
         assert [(f.rule, f.subject, f.severity) for f in findings] == [
             ("restart_gave_up", "celery@web-1", "critical")]
-        assert "supervisor reset" in findings[0].summary
+        assert "until the window clears" in findings[0].summary
 
 
 class TestMassLoss:
@@ -178,12 +178,3 @@ class TestMassLoss:
         policy.record(st, policy.RestartPlan("web", "celery@web-1", "celery@web-1", "worker_lost", "r", 2, True),
                       100, ok=False)
         assert st.groups["web"].mode == "systemic"
-
-    def test_reset(self):
-        cfg = cfg_with({"max_restarts": 1})
-        st = policy.PolicyState(history={"web-1.service": [100.0]})
-        st.groups["web"] = policy.GroupMode("systemic", "celery@web-1")
-        assert policy.reset(st, "web-1.service") == ["web-1.service"]
-        assert policy.budget(st, cfg.groups[0], "web-1.service", 101).left == 1
-        assert policy.reset(st, "web") == ["group web"]
-        assert "web" not in st.groups

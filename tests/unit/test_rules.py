@@ -96,8 +96,25 @@ class TestPlatformDeath:
 
     def test_crashed_target_is_dead(self):
         cfg = cfg_one()
-        t = Target("app/1", "web", W1, "crashed", "CRASHED")
+        t = Target("app/1", "web", W1, "crashed", "CRASHED", since=99.5)
         assert verdict(cfg, obs(100, [WorkerSeen(W1, last_heartbeat=99)], targets=[t])).status == "dead"
+
+    def test_a_death_the_platform_did_not_witness_is_confirmed_by_ping(self):
+        """A stale pid file (since None) against a fresh heartbeat: ping first, never restart blind."""
+        cfg = cfg_one()
+        t = Target("web-1.service", "web", W1, "exited", "not running (pid 7 gone)", since=None)
+        seen = [WorkerSeen(W1, last_heartbeat=99)]
+        assert rules.suspects(cfg, obs(100, seen, targets=[t]), {}) == [W1]
+        assert verdict(cfg, obs(100, seen, targets=[t])).status == "unknown"
+        assert verdict(cfg, obs(100, seen, pinged=[W1], pongs=[W1], targets=[t])).status == "alive"
+        assert verdict(cfg, obs(100, seen, pinged=[W1], targets=[t])).status == "dead"
+
+    def test_heard_after_the_platform_saw_it_die_is_confirmed_by_ping(self):
+        cfg = cfg_one()
+        t = Target("web-1.service", "web", W1, "exited", since=95)
+        seen = [WorkerSeen(W1, last_heartbeat=99)]
+        assert verdict(cfg, obs(100, seen, targets=[t])).status == "unknown"
+        assert verdict(cfg, obs(100, seen, pinged=[W1], pongs=[W1], targets=[t])).status == "alive"
 
     def test_dead_target_is_not_pinged(self):
         cfg = cfg_one()

@@ -276,8 +276,12 @@ class Supervisor:
 
     def _log(self, r: TickReport) -> None:
         d = r.decision
-        if not d.observable:
+        if not r.obs.broker_ok:
             log.error("could not observe the broker: %s", r.obs.broker_error)
+        elif r.obs.listening_since is None:
+            # normal for a moment at start and after an outage; the finding pages if it lasts
+            log.log(logging.INFO if self.ticks < 3 else logging.WARNING, "heartbeat stream not connected: %s",
+                    r.obs.stream_error or "connecting")
         for tr in d.transitions:
             lvl = logging.WARNING if tr.new == "firing" else logging.INFO
             log.log(lvl, "%s %s: %s", tr.new.upper(), tr.key, tr.state.summary)

@@ -207,11 +207,12 @@ def worker_findings(cfg: Config, obs: Observation, verdicts: list[WorkerVerdict]
 
 
 def can_count(g: GroupConfig, obs: Observation, verdicts: list[WorkerVerdict]) -> bool:
-    """Whether the group's alive workers can be counted now: the stream has listened long enough
-    to have heard every worker of a glob (a `once` window suffices) and none is undecided."""
+    """Whether the group's alive workers can be counted now: none is undecided and, for a group with
+    globs, the stream has listened long enough to have heard them all (a `once` window suffices)."""
     if obs.listening_since is None or any(v.status == "unknown" for v in verdicts):
         return False
-    return obs.one_shot or obs.now - obs.listening_since >= g.heartbeat_timeout
+    # explicit workers are all judged (none unknown); a glob's may simply not have been heard yet
+    return obs.one_shot or not g.hostnames or obs.now - obs.listening_since >= g.heartbeat_timeout
 
 
 def queue_findings(cfg: Config, obs: Observation) -> list[Finding]:

@@ -167,14 +167,18 @@ class QueueReader:
         # lag by up to ~5 s (a queue just filled with 25 messages still read 0 there): take each
         # number from the source that has it right.
         out: dict[str, QueueSeen] = {}
+        api_error: str | None = None  # a failing (or hanging) API is asked once per read, not per queue
         for name in names:
             seen, exists = self._passive(name)
             if self.management is None or not exists or seen.length is None:
                 out[name] = seen
                 continue
             try:
+                if api_error is not None:
+                    raise ManagementError(api_error)
                 doc = self.management.queue(self._vhost(), name)
             except ManagementError as e:
+                api_error = str(e)
                 out[name] = replace(seen, error=f"{e}; unacknowledged messages not counted")
                 continue
             unacked = None if doc is None else doc.get("messages_unacknowledged")

@@ -86,3 +86,13 @@ def test_unknown_consumer_count_neither_resolves_nor_refires():
     assert d.transitions == []
     f.queue("q", 0, consumers=0)
     assert f.tick(11).transitions == []
+
+
+def test_explicit_group_is_counted_as_soon_as_its_workers_are_judged():
+    f = Fleet(make_config([group_cfg("web", workers=[W1, W2], min_workers=2, hostnames=[])]))
+    f.up(W1, W2, at=0)
+    f.tick(1)
+    f.down(W2)
+    f.target(W2, "exited", since=2)
+    d = f.tick(2.5)  # 2.5 s after the stream connected: no glob to wait for
+    assert "group_below_min:web" in fired(d)

@@ -139,16 +139,9 @@ def once(config_path: str, dry_run: bool, as_json: bool, log_level: str) -> None
     """One observe/decide/act pass; exit 0 ok, 1 warning, 2 critical, 3 could not observe."""
     setup_logging(log_level if not as_json else "ERROR")
     cfg = load(config_path)
-    from supervisor.loop import Supervisor, report_json
+    from supervisor.loop import report_json
 
-    try:
-        sup = Supervisor(cfg, dry_run=dry_run, one_shot=True)
-        try:
-            report = sup.once()
-        finally:
-            sup.close(flush=10.0)
-    except Exception as e:  # a plugin-style command answers UNKNOWN (3), never a traceback and 1
-        _internal_error(e)
+    report = _one_pass(cfg, dry_run=dry_run, flush=10.0)
     if as_json:
         click.echo(json.dumps(report_json(report, cfg), indent=2, default=str))
     else:
@@ -156,10 +149,23 @@ def once(config_path: str, dry_run: bool, as_json: bool, log_level: str) -> None
     sys.exit(report.exit_code)
 
 
-def _internal_error(e: Exception) -> None:
-    logging.getLogger("supervisor").error("internal error: %s", redact.scrub(e), exc_info=True)
-    click.echo(f"internal error (could not observe): {redact.scrub(e)}", err=True)
-    sys.exit(3)
+def _one_pass(cfg, dry_run: bool, flush: float, on_error: str | None = None):
+    """One `once` pass. A plugin-style command answers UNKNOWN (3) on an internal error, never a
+    traceback and exit 1 (which Nagios would read as WARNING)."""
+    from supervisor.loop import Supervisor
+
+    try:
+        sup = Supervisor(cfg, dry_run=dry_run, one_shot=True)
+        try:
+            return sup.once()
+        finally:
+            sup.close(flush=flush)
+    except Exception as e:
+        logging.getLogger("supervisor").error("internal error: %s", redact.scrub(e), exc_info=True)
+        if on_error:
+            click.echo(f"{on_error}{redact.scrub(e)}")
+        click.echo(f"internal error (could not observe): {redact.scrub(e)}", err=True)
+        sys.exit(3)
 
 
 @main.command()
@@ -169,18 +175,9 @@ def nagios(config_path: str, log_level: str) -> None:
     """One Nagios plugin line with perfdata. Observes only: restarts and alerts nothing."""
     setup_logging("ERROR" if log_level.upper() == "INFO" else log_level)
     cfg = load(config_path)
-    from supervisor.loop import Supervisor
     from supervisor.nagios import nagios_line
 
-    try:
-        sup = Supervisor(cfg, dry_run=True, one_shot=True)
-        try:
-            report = sup.once()
-        finally:
-            sup.close(flush=0.0)
-    except Exception as e:
-        click.echo(f"CELERY UNKNOWN - internal error: {redact.scrub(e)}")
-        _internal_error(e)
+    report = _one_pass(cfg, dry_run=True, flush=0.0, on_error="CELERY UNKNOWN - internal error: ")
     click.echo(nagios_line(report, cfg))
     sys.exit(report.exit_code)
 

@@ -23,6 +23,7 @@ log = logging.getLogger("supervisor")
 LOG_LINES = 30  # lines of a crashed target's output attached to its alert
 ONCE_LISTEN = 2.5  # seconds `once` listens to heartbeats (workers send one every 2 s)
 CONSUMERS_AFTER = 2.5  # count consumers only once we have listened this long
+FORGET_AFTER = 3600.0  # a glob-matched worker that left gracefully is forgotten after this long
 
 
 @dataclass
@@ -118,6 +119,12 @@ class Supervisor:
         err = check_broker(self.app, cfg.broker.connect_timeout) if broker_error is False else broker_error
         snap = self.heartbeats.snapshot()
         workers = dict(snap.workers)
+        gone = [h for h, w in workers.items() if w.offline_at is not None and now - w.offline_at > FORGET_AFTER
+                and not any(h in g.workers for g in cfg.groups)]
+        if gone:  # left gracefully long ago and not expected back: forget them (flower#604, #1422)
+            self.heartbeats.forget(gone)
+            for h in gone:
+                del workers[h]
         targets: dict[str, tuple[Target, ...]] = {}
         perrs: dict[str, str] = {}
         for g in cfg.groups:

@@ -56,6 +56,10 @@ class HeartbeatSource:
     def snapshot(self) -> HeartbeatSnapshot:
         raise NotImplementedError
 
+    def forget(self, hostnames) -> None:
+        """Drop what is known of workers that left for good (memory stays flat across deploys)."""
+        raise NotImplementedError
+
     def __enter__(self) -> HeartbeatSource:
         self.start()
         return self
@@ -150,6 +154,11 @@ class EventReceiverSource(HeartbeatSource):
     def snapshot(self) -> HeartbeatSnapshot:
         with self._lock:
             return HeartbeatSnapshot(dict(self._workers), self._listening_since, self._error)
+
+    def forget(self, hostnames) -> None:
+        with self._lock:
+            for h in hostnames:
+                self._workers.pop(h, None)
 
     @property
     def running(self) -> bool:

@@ -37,12 +37,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import random
 import re
-import shlex
 import shutil
 import signal
 import subprocess
@@ -51,169 +49,31 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
 
-HZ = os.sysconf("SC_CLK_TCK")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py, however this file is run
+from _common import (  # noqa: E402
+    PERCENTILE_METHOD,
+    SupervisorLog,
+    log,
+    log_stamp,
+    proc_cpu,
+    proc_state_start,
+    proc_status_kb,
+    read_pid,
+    redis_version,
+    start_supervisor,
+    stop_supervisor,
+    stop_workers,
+    summary,
+    wait_all_ping,
+    worker_target,
+)
+from _common import ping as ping_host  # noqa: E402
+
 START_MARK = b"celery-supervisor starts "
-# the supervisor's DEBUG line per tick: "... supervisor: tick 12: 3/3 workers alive, 0 findings, 0 actions, 0.012s"
-TICK_RE = re.compile(r"tick (\d+): (\d+)/(\d+) workers alive, (\d+) findings, (\d+) actions, ([\d.]+)s")
-RESTART_RE = re.compile(r" restart (\S+) \((\S+)\): (.*) -> (.*)$")
 # a worker's "ready" line (celery's default log format, local time): "[2026-01-01 12:00:00,123: INFO/MainProcess] celery@x ready."
 READY_RE = re.compile(rb"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): INFO/MainProcess\] (\S+) ready\.")
-
-
-def log_stamp(text: str) -> float | None:
-    """A logging asctime ("2026-01-01 12:00:00,123", local time) as a time.time() value."""
-    try:
-        return datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f").timestamp()
-    except ValueError:
-        return None
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------- /proc helpers
-def proc_cpu(pid: int) -> float | None:
-    """utime + stime of a process in seconds (all its threads), or None if it is gone."""
-    try:
-        data = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    f = data[data.rfind(b")") + 2 :].split()
-    return (int(f[11]) + int(f[12])) / HZ  # fields 14 and 15 of proc(5)
-
-
-def proc_status_kb(pid: int, key: str) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def proc_state_start(pid: int) -> tuple[str, int] | None:
-    try:
-        data = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    f = data[data.rfind(b")") + 2 :].split()
-    return f[0].decode(), int(f[19])
-
-
-def read_pid(path: Path) -> tuple[int, int | None] | None:
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-        return int(d["pid"]), d.get("start_time")
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-# ---------------------------------------------------------------- stats
-def nearest_rank(values: list[float], p: float) -> float | None:
-    """The p-th percentile by the nearest-rank method: the ceil(p/100 * n)-th smallest value."""
-    if not values:
-        return None
-    s = sorted(values)
-    return s[max(1, math.ceil(p / 100 * len(s))) - 1]
-
-
-def summary(values: list[float]) -> dict:
-    return {
-        "n": len(values),
-        "p50": nearest_rank(values, 50),
-        "p95": nearest_rank(values, 95),
-        "min": min(values) if values else None,
-        "max": max(values) if values else None,
-        "mean": sum(values) / len(values) if values else None,
-    }
-
-
-# ---------------------------------------------------------------- watching the supervisor
-class SupervisorLog:
-    """Tails the supervisor's output file: tick lines (DEBUG), restart lines, errors."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.lock = threading.Lock()
-        # (monotonic when read, wall-clock stamp of the line, tick number, alive, total, tick duration)
-        self.ticks: list[tuple[float, float | None, int, int, int, float]] = []
-        self.restarts: list[tuple[float | None, str, str]] = []  # (wall-clock stamp, hostname, line)
-        self.problems: list[str] = []  # ERROR / Traceback / "took longer" lines
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="suplog", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def _run(self) -> None:
-        pos, buf = 0, b""
-        while not self.stop.is_set():
-            try:
-                with open(self.path, "rb") as fh:
-                    fh.seek(pos)
-                    chunk = fh.read()
-            except OSError:
-                chunk = b""
-            now = time.monotonic()
-            if chunk:
-                pos += len(chunk)
-                buf += chunk
-                *lines, buf = buf.split(b"\n")
-                for raw in lines:
-                    self._line(raw.decode("utf-8", "replace"), now)
-            self.stop.wait(0.02)
-
-    def _line(self, line: str, now: float) -> None:
-        stamp = log_stamp(line[:23])
-        with self.lock:
-            m = TICK_RE.search(line)
-            if m:
-                self.ticks.append((now, stamp, int(m[1]), int(m[2]), int(m[3]), float(m[6])))
-                return
-            m = RESTART_RE.search(line)
-            if m:
-                self.restarts.append((stamp, m[2], line))
-            if " ERROR " in line or "Traceback" in line or "longer than loop.interval" in line \
-                    or " CRITICAL " in line:
-                self.problems.append(line)
-
-    def all_alive_since(self, n: int) -> float | None:
-        """Monotonic time since which every tick seen said n/n alive (None: the last one did not)."""
-        with self.lock:
-            since = None
-            for seen, _, _, alive, total, _ in reversed(self.ticks):
-                if alive == total == n:
-                    since = seen
-                else:
-                    break
-            return since
-
-    def tick_durations(self, since: int = 0) -> list[float]:
-        with self.lock:
-            return [t[5] for t in self.ticks[since:]]
-
-    def supervisor_view(self, hostname: str, kill_wall: float, n: int) -> tuple[float | None, float | None]:
-        """From the supervisor's own log stamps: (kill -> its restart line for hostname, kill -> its first
-        tick after that saying n/n alive). The restart line is written when the tick ends, after the
-        adapter's 0.2 s early-exit check of the new process."""
-        with self.lock:
-            r = next((st for st, h, _ in self.restarts if h == hostname and st is not None and st >= kill_wall - 0.002),
-                     None)
-            if r is None:
-                return None, None
-            back = next((st for _, st, _, alive, total, _ in self.ticks
-                         if st is not None and st > r and alive == total == n), None)
-        return r - kill_wall, (back - kill_wall) if back is not None else None
-
-    def tick_count(self) -> int:
-        with self.lock:
-            return len(self.ticks)
 
 
 class RssSampler:
@@ -347,8 +207,7 @@ class Bench:
                 "heartbeat_timeout": a.heartbeat_timeout,
                 "restart": {
                     "platform": "local",
-                    "target": f"{shlex.quote(sys.executable)} -m celery -A supervisor.demo_app worker "
-                              "-n {hostname} --pool solo --without-mingle --without-gossip -l INFO",
+                    "target": worker_target(),
                     "env": {"CELERY_BROKER_URL": url},
                     "max_restarts": a.trials + 5,
                     "window": "1h",
@@ -384,11 +243,7 @@ class Bench:
 
         sup_out = Path(self.tmp) / "supervisor.log"
         self.sup_log_file = open(sup_out, "ab")  # noqa: SIM115 (closed in cleanup)
-        argv = [sys.executable, "-m", "supervisor", "run", "-c", str(self.config_path)]
-        if a.supervisor_log_level:
-            argv += ["--log-level", a.supervisor_log_level]
-        self.sup = subprocess.Popen(argv, cwd=self.tmp, stdin=subprocess.DEVNULL, stdout=self.sup_log_file,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+        self.sup = start_supervisor(self.config_path, self.tmp, self.sup_log_file, a.supervisor_log_level)
         self.sup_started = time.monotonic()
         self.suplog = SupervisorLog(sup_out)
         self.suplog.start()
@@ -403,21 +258,10 @@ class Bench:
 
     def ping(self, host: str, timeout: float) -> bool:
         """A targeted ping with limit=1 on a fresh connection (see the module docstring)."""
-        from supervisor.observe import control
-
-        try:
-            return host in control.ping(self.app, [host], timeout)
-        except control.BrokerUnreachable as e:
-            log(f"ping {host}: {e}")
-            time.sleep(0.1)
-            return False
+        return ping_host(self.app, host, timeout)
 
     def wait_all_ping(self, timeout: float) -> list[str]:
-        deadline = time.monotonic() + timeout
-        waiting = list(self.hosts)
-        while waiting and time.monotonic() < deadline:
-            waiting = [h for h in waiting if not self.ping(h, 0.5)]
-        return waiting
+        return wait_all_ping(self.app, self.hosts, timeout)
 
     def sup_alive(self) -> None:
         if self.sup.poll() is not None:
@@ -571,7 +415,7 @@ class Bench:
                                                         if t.sup_sees_alive_s is not None]),
             "restarted_within_one_interval": sum(t.restart_s <= self.interval_s for t in ok),
             "restarted_within_two_intervals": sum(t.restart_s <= 2 * self.interval_s for t in ok),
-            "percentile_method": "nearest rank: the ceil(p/100*n)-th smallest value (for n <= 19, p95 is the max)",
+            "percentile_method": PERCENTILE_METHOD,
             "supervisor": {
                 "pid": self.sup.pid,
                 "cpu_s": round(cpu, 3) if cpu is not None else None,
@@ -595,12 +439,6 @@ class Bench:
         from supervisor import __version__
 
         a = self.args
-        try:
-            rv = subprocess.run([self.redis.binary, "--version"], capture_output=True, text=True, timeout=5).stdout
-            m = re.search(r"v=(\S+)", rv)
-            redis_version = m[1] if m else rv.strip()
-        except (OSError, subprocess.SubprocessError):
-            redis_version = "?"
         return {
             "workers": a.workers,
             "hostnames": self.hosts,
@@ -615,7 +453,7 @@ class Bench:
             "celery": celery.__version__,
             "celery_supervisor": __version__,
             "redis_binary": self.redis.binary,
-            "redis_version": redis_version,
+            "redis_version": redis_version(self.redis.binary),
             "cpus": os.cpu_count(),
             "loadavg_at_start": self.load_start,
             "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
@@ -629,36 +467,11 @@ class Bench:
         for th in (self.rss, self.suplog):
             if th is not None:
                 th.stop.set()
-        if self.sup is not None and self.sup.poll() is None:
-            self.sup.send_signal(signal.SIGTERM)
-            try:
-                self.sup_exit = self.sup.wait(20)
-                done.append(f"supervisor (pid {self.sup.pid}) exited {self.sup_exit} on SIGTERM")
-            except subprocess.TimeoutExpired:
-                self.sup.kill()
-                self.sup.wait(5)
-                done.append(f"supervisor (pid {self.sup.pid}) did NOT exit within 20s of SIGTERM: killed")
-        elif self.sup is not None:
-            done.append(f"supervisor (pid {self.sup.pid}) had already exited with {self.sup.returncode}")
+        if self.sup is not None:
+            self.sup_exit, msg = stop_supervisor(self.sup)
+            done.append(msg)
         if self.adapter is not None:
-            stopped = 0
-            for t in self.targets:
-                try:
-                    if self.adapter.stop(t, timeout=5):
-                        stopped += 1
-                        continue
-                except Exception as e:  # fall back to the pid file
-                    log(f"adapter.stop({t.hostname}) failed: {e}")
-                rec = read_pid(self.pid_path(t.hostname))
-                if rec is not None:
-                    st = proc_state_start(rec[0])
-                    if st is not None and (rec[1] is None or st[1] == rec[1]):
-                        try:
-                            os.kill(rec[0], signal.SIGKILL)
-                            stopped += 1
-                        except OSError:
-                            pass
-            done.append(f"{stopped}/{len(self.targets)} workers stopped")
+            done.append(stop_workers(self.adapter, self.targets, self.pid_path))
         if self.sup_log_file is not None:
             self.sup_log_file.close()
         if self.redis is not None:

@@ -93,15 +93,28 @@ class Core:
                 g = cfg.group(v.group)
                 if back or g.restart is None or now - at >= g.restart.grace:
                     del restarted[v.hostname]
-        transitions = self.book.advance(findings, now, self._muted(findings), self._frozen(obs, verdicts))
+        transitions = self.book.advance(findings, now, self._muted(findings, verdicts), self._frozen(obs, verdicts))
         observable = obs.broker_ok and obs.listening_since is not None
         return Decision(now, observable, verdicts, findings, transitions, plans, rules.worst(findings),
                         dict(self.book.states))
 
-    def _muted(self, findings: list[Finding]) -> set[str]:
-        """Inhibition: a group in mass loss speaks with one voice (its group finding)."""
+    def _muted(self, findings: list[Finding], verdicts: list[WorkerVerdict]) -> set[str]:
+        """Inhibition: a group in mass loss speaks with one voice (its group finding); a group below
+        min_workers only because of workers that already have their own alert (lost, dead,
+        unresponsive, being restarted) says nothing more -- it speaks when the count cannot be
+        explained that way (workers retired, never seen)."""
         mass = {f.group for f in findings if f.rule == "group_mass_loss"}
-        return {f.key for f in findings if f.group in mass and f.rule in WORKER_RULES + ("group_below_min",)}
+        muted = {f.key for f in findings if f.group in mass and f.rule in WORKER_RULES + ("group_below_min",)}
+        for f in findings:
+            if f.rule != "group_below_min":
+                continue
+            g = self.cfg.group(f.group)
+            vs = [v for v in verdicts if v.group == f.group]
+            alive = sum(v.status == "alive" for v in vs)
+            spoken = sum(v.status in ("lost", "dead", "unresponsive", "starting") for v in vs)
+            if g is not None and alive + spoken >= g.min_workers:
+                muted.add(f.key)
+        return muted
 
     def _frozen(self, obs: Observation, verdicts: list[WorkerVerdict]):
         unknown_hosts = {v.hostname for v in verdicts if v.status == "unknown"}

@@ -17,7 +17,7 @@ from supervisor import redact
 from supervisor.config import Config, GroupConfig
 from supervisor.decide import Core, Decision
 from supervisor.durations import format_duration as fd
-from supervisor.model import Action, Observation, QueueSeen, Target, Transition, WorkerVerdict
+from supervisor.model import DEAD_STATES, Action, Observation, QueueSeen, Target, Transition, WorkerVerdict
 
 log = logging.getLogger("supervisor")
 LOG_LINES = 30  # lines of a crashed target's output attached to its alert
@@ -148,12 +148,12 @@ class Supervisor:
             if sus:
                 pinged = frozenset(sus)
                 pongs = frozenset(control.ping(self.app, sus, cfg.loop.ping_timeout))
-            queues = self._queues(workers, now)
+            queues = self._queues(workers, now, obs.targets)
         except BrokerUnreachable as e:  # the broker went away mid-tick (anything else is a bug: raise)
             return replace(obs, broker_ok=False, broker_error=redact.scrub(e))
         return replace(obs, pinged=pinged, pongs=pongs, queues=queues, now=self.clock())
 
-    def _queues(self, workers: dict, now: float) -> dict[str, QueueSeen]:
+    def _queues(self, workers: dict, now: float, targets: dict) -> dict[str, QueueSeen]:
         from supervisor.observe import control
 
         cfg = self.cfg
@@ -171,7 +171,9 @@ class Supervisor:
                 timeout = g.heartbeat_timeout if g is not None else 10.0
                 return bool(w.last_heartbeat) and now - w.last_heartbeat < timeout and w.offline_at is None
 
-            alive = [h for h, w in workers.items() if heard(h, w)]
+            dead = {t.hostname for ts in targets.values() for t in ts if t.state in DEAD_STATES}
+            # asking a worker its platform reports dead would wait out the whole timeout
+            alive = [h for h, w in workers.items() if heard(h, w) and h not in dead]
             # nobody alive: nobody consumes (and asking would wait the whole timeout for no reply)
             replies = control.active_queues(self.app, len(alive), cfg.loop.ping_timeout) if alive else {}
             counts: dict[str, int] = {}

@@ -95,4 +95,16 @@ def test_explicit_group_is_counted_as_soon_as_its_workers_are_judged():
     f.down(W2)
     f.target(W2, "exited", since=2)
     d = f.tick(2.5)  # 2.5 s after the stream connected: no glob to wait for
-    assert "group_below_min:web" in fired(d)
+    assert "group_below_min:web" in {x.key for x in d.findings} and d.exit_code == 2
+    # one page per kill: the shortfall is web-2's own worker_lost alert, not a second one
+    assert fired(d) == [f"worker_lost:{W2}"]
+
+
+def test_group_below_min_pages_when_no_worker_alert_explains_it():
+    f = Fleet(make_config([group_cfg("web", min_workers=2)]))
+    f.up(W1, W2, at=0)
+    f.run(0, 15)
+    f.offline(W2, at=16)  # left gracefully: retired quietly, no worker alert...
+    f.target(W2, "exited", since=16)
+    ds = f.run(20, 30)
+    assert fired(ds) == ["group_below_min:web"]  # ...so the group speaks

@@ -1,5 +1,6 @@
 """What the benchmarks share: /proc readers, nearest-rank statistics, the supervisor log tailer,
-the worker command line and the stop-by-PID steps of a cleanup.
+the worker command line, the fleet (temp folder, private redis-server, workers through the `local`
+adapter, `supervisor run`) with its stop-by-PID cleanup, and the signal scaffold of a run.
 
 Not a package module: each benchmark is run as a script (`python bench/X.py`) and puts this
 folder on sys.path first.
@@ -10,13 +11,18 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -38,6 +44,14 @@ def log_stamp(text: str) -> float | None:
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+class SetupError(Exception):
+    pass
+
+
+def fmt_s(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}s"
 
 
 # ---------------------------------------------------------------- /proc helpers
@@ -216,6 +230,21 @@ def worker_target() -> str:
             "-n {hostname} --pool solo --without-mingle --without-gossip -l INFO")
 
 
+def worker_restart(broker_url: str, max_restarts: int) -> dict:
+    """The `restart` block of the benchmarks' group: the `local` platform, worker_target() on the
+    broker, no backoff, short grace and stop timeouts, `max_restarts` in an hour."""
+    return {
+        "platform": "local",
+        "target": worker_target(),
+        "env": {"CELERY_BROKER_URL": broker_url},
+        "max_restarts": max_restarts,
+        "window": "1h",
+        "backoff": "0s",
+        "grace": "5s",
+        "stop_timeout": "5s",
+    }
+
+
 def ping(app, host: str, timeout: float) -> bool:
     """A targeted ping with limit=1 on a fresh connection (the supervisor's own call)."""
     from supervisor.observe import control
@@ -290,3 +319,158 @@ def redis_version(binary: str) -> str:
         return m[1] if m else rv.strip()
     except (OSError, subprocess.SubprocessError):
         return "?"
+
+
+@dataclass
+class Fleet:
+    """What a benchmark starts and stops again by PID: a temporary folder, a private redis-server,
+    workers of one group started through the `local` platform adapter, and `supervisor run`.
+    Each step is on its own, so that stop() undoes whatever part of the setup happened."""
+
+    tmp: str = ""
+    run_dir: Path | None = None  # the local adapter's pid and log files
+    redis: object = None
+    config_path: Path | None = None
+    adapter: object = None
+    targets: list = field(default_factory=list)
+    tids: dict[str, str] = field(default_factory=dict)  # hostname -> target id
+    app: object = None
+    sup: subprocess.Popen | None = None
+    sup_log_file: object = None
+    suplog: SupervisorLog | None = None
+    sup_started: float | None = None  # time.monotonic() at the supervisor's start
+    sup_exit: int | None = None  # its exit code on SIGTERM (None: it had exited before, or was killed)
+    sup_stopped: bool = False
+
+    def open(self, prefix: str) -> str:
+        """The temporary folder and the redis-server; returns the broker URL (db 0)."""
+        from supervisor.embedded_redis import RedisServer
+
+        self.tmp = tempfile.mkdtemp(prefix=prefix)
+        self.run_dir = Path(self.tmp) / "run"
+        self.redis = RedisServer()
+        self.redis.start()
+        return f"{self.redis.url}/0"
+
+    def start_workers(self, doc: dict, hosts: list[str], ping_within: float) -> float:
+        """Writes `doc` as the config, starts `hosts` (of its first group) through the local adapter and
+        waits until every one answers ping; returns the seconds from the first start to the last reply."""
+        import yaml
+
+        from platforms.local import Adapter
+        from supervisor.config import load_config
+        from supervisor.observe.celeryapp import make_app
+
+        self.config_path = Path(self.tmp) / "config.yaml"
+        self.config_path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+        cfg = load_config(self.config_path, env={})
+        self.adapter = Adapter(cfg)
+        group = cfg.groups[0]
+        self.targets = [self.adapter.target_for(group, h) for h in hosts]
+        self.tids = {t.hostname: t.id for t in self.targets}
+        self.app = make_app(cfg.broker)
+
+        t = time.monotonic()
+        for tg in self.targets:
+            r = self.adapter.restart(tg, "bench start")
+            if not r.ok:
+                raise SetupError(f"could not start {tg.hostname}: {r.message}")
+        missing = wait_all_ping(self.app, hosts, ping_within)
+        if missing:
+            raise SetupError(f"workers did not answer ping within {ping_within:g}s: {missing}; see {self.run_dir}")
+        return time.monotonic() - t
+
+    def start_supervisor(self, log_level: str | None) -> None:
+        """`supervisor run -c CONFIG` with its output in TMP/supervisor.log, and the tailer of that file."""
+        sup_out = Path(self.tmp) / "supervisor.log"
+        self.sup_log_file = open(sup_out, "ab")  # noqa: SIM115 (closed in stop)
+        self.sup = start_supervisor(self.config_path, self.tmp, self.sup_log_file, log_level)
+        self.sup_started = time.monotonic()
+        self.suplog = SupervisorLog(sup_out)
+        self.suplog.start()
+
+    def pid_path(self, host: str) -> Path:
+        return self.run_dir / f"{self.tids[host]}.pid"
+
+    def log_path(self, host: str) -> Path:
+        return self.run_dir / f"{self.tids[host]}.log"
+
+    def environment(self, loadavg_at_start: list[float] | None) -> dict:
+        """The versions and the machine, for a benchmark's "setup" block (its last keys)."""
+        import celery
+
+        from supervisor import __version__
+
+        return {
+            "python": platform.python_version(),
+            "celery": celery.__version__,
+            "celery_supervisor": __version__,
+            "redis_binary": self.redis.binary,
+            "redis_version": redis_version(self.redis.binary),
+            "cpus": os.cpu_count(),
+            "loadavg_at_start": loadavg_at_start,
+            "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+            "kernel": platform.release(),
+            "tmp": self.tmp,
+        }
+
+    def stop_supervisor(self) -> str | None:
+        """SIGTERM `supervisor run` and wait (sets sup_exit): what happened, or None when there is no
+        supervisor or it was stopped already."""
+        if self.sup is None or self.sup_stopped:
+            return None
+        self.sup_stopped = True
+        self.sup_exit, msg = stop_supervisor(self.sup)
+        return msg
+
+    def stop(self, keep: bool) -> list[str]:
+        """Everything still running, by PID: the supervisor (unless stop_supervisor() did it), the log
+        tailer, the workers, the redis-server; then the temporary folder (unless `keep`). What was done."""
+        done = []
+        msg = self.stop_supervisor()
+        if msg is not None:
+            done.append(msg)
+        if self.suplog is not None:
+            self.suplog.stop.set()
+        if self.adapter is not None:
+            done.append(stop_workers(self.adapter, self.targets, self.pid_path))
+        if self.sup_log_file is not None:
+            self.sup_log_file.close()
+        if self.redis is not None:
+            self.redis.close()
+            done.append("redis stopped")
+        if self.tmp:
+            if keep:
+                done.append(f"kept {self.tmp}")
+            else:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+        return done
+
+
+def run_bench(bench, exit_code: Callable[[dict], int]) -> tuple[dict | None, int]:
+    """bench.setup(), then res = bench.run(): (res, exit_code(res)). SIGTERM counts as Ctrl-C: (None, 130);
+    a SetupError gives (None, 2). bench.cleanup() runs in every case, with SIGINT and SIGTERM ignored
+    (a second Ctrl-C must not leave processes behind), and its lines are logged."""
+
+    def on_term(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    code = 0
+    res = None
+    try:
+        bench.setup()
+        res = bench.run()
+        code = exit_code(res)
+    except KeyboardInterrupt:
+        log("interrupted")
+        code = 130
+    except SetupError as e:
+        log(f"setup failed: {e}")
+        code = 2
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for line in bench.cleanup():
+            log(f"cleanup: {line}")
+    return res, code

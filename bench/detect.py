@@ -38,14 +38,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import re
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -54,20 +50,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py, however this file is run
 from _common import (  # noqa: E402
     PERCENTILE_METHOD,
-    SupervisorLog,
+    Fleet,
+    SetupError,
+    fmt_s,
     log,
     log_stamp,
     proc_cpu,
     proc_state_start,
     proc_status_kb,
     read_pid,
-    redis_version,
-    start_supervisor,
-    stop_supervisor,
-    stop_workers,
+    run_bench,
     summary,
     wait_all_ping,
-    worker_target,
+    worker_restart,
 )
 from _common import ping as ping_host  # noqa: E402
 
@@ -167,105 +162,49 @@ class Trial:
 @dataclass
 class Bench:
     args: argparse.Namespace
-    tmp: str = ""
-    redis: object = None
-    adapter: object = None
-    targets: list = field(default_factory=list)
-    sup: subprocess.Popen | None = None
-    sup_log_file: object = None
-    suplog: SupervisorLog | None = None
+    fleet: Fleet = field(default_factory=Fleet)
     rss: RssSampler | None = None
-    app: object = None
-    sup_exit: int | None = None
     kill_walls: list = field(default_factory=list)  # (trial, time.time() at the kill)
 
     # ---- setup
     def setup(self) -> None:
-        from platforms.local import Adapter
-        from supervisor.config import load_config
         from supervisor.durations import parse_duration
-        from supervisor.embedded_redis import RedisServer
 
-        a = self.args
+        a, f = self.args, self.fleet
         self.interval_s = parse_duration(a.interval)
         self.rng = random.Random(a.seed)
-        self.tmp = tempfile.mkdtemp(prefix="bench-detect-")
-        self.redis = RedisServer()
-        self.redis.start()
-        url = f"{self.redis.url}/0"
+        url = f.open("bench-detect-")
         self.hosts = [f"celery@bench-{i}" for i in range(1, a.workers + 1)]
-        self.run_dir = Path(self.tmp) / "run"
         doc = {
             "broker": {"url": url},
-            "loop": {"interval": a.interval, "state_path": str(Path(self.tmp) / "state.db"),
+            "loop": {"interval": a.interval, "state_path": str(Path(f.tmp) / "state.db"),
                      "ping_timeout": "500ms"},
-            "platforms": {"local": {"run_dir": str(self.run_dir)}},
+            "platforms": {"local": {"run_dir": str(f.run_dir)}},
             "groups": [{
                 "name": "bench",
                 "workers": self.hosts,
                 "min_workers": a.workers,
                 "heartbeat_timeout": a.heartbeat_timeout,
-                "restart": {
-                    "platform": "local",
-                    "target": worker_target(),
-                    "env": {"CELERY_BROKER_URL": url},
-                    "max_restarts": a.trials + 5,
-                    "window": "1h",
-                    "backoff": "0s",
-                    "grace": "5s",
-                    "stop_timeout": "5s",
-                },
+                "restart": worker_restart(url, max_restarts=a.trials + 5),
             }],
         }
-        self.config_path = Path(self.tmp) / "config.yaml"
-        import yaml
-
-        self.config_path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
-        cfg = load_config(self.config_path, env={})
-        self.adapter = Adapter(cfg)
-        group = cfg.groups[0]
-        self.targets = [self.adapter.target_for(group, h) for h in self.hosts]
-        self.tids = {t.hostname: t.id for t in self.targets}
-
-        from supervisor.observe.celeryapp import make_app
-
-        self.app = make_app(cfg.broker)
-
-        t = time.monotonic()
-        for tg in self.targets:
-            r = self.adapter.restart(tg, "bench start")
-            if not r.ok:
-                raise SetupError(f"could not start {tg.hostname}: {r.message}")
-        missing = self.wait_all_ping(60)
-        if missing:
-            raise SetupError(f"workers did not answer ping within 60s: {missing}; see {self.run_dir}")
-        log(f"started {a.workers} workers in {time.monotonic() - t:.1f}s; starting `supervisor run`")
-
-        sup_out = Path(self.tmp) / "supervisor.log"
-        self.sup_log_file = open(sup_out, "ab")  # noqa: SIM115 (closed in cleanup)
-        self.sup = start_supervisor(self.config_path, self.tmp, self.sup_log_file, a.supervisor_log_level)
-        self.sup_started = time.monotonic()
-        self.suplog = SupervisorLog(sup_out)
-        self.suplog.start()
-        self.rss = RssSampler(self.sup.pid)
+        took = f.start_workers(doc, self.hosts, 60)
+        log(f"started {a.workers} workers in {took:.1f}s; starting `supervisor run`")
+        f.start_supervisor(a.supervisor_log_level)
+        self.rss = RssSampler(f.sup.pid)
         self.rss.start()
-
-    def pid_path(self, host: str) -> Path:
-        return self.run_dir / f"{self.tids[host]}.pid"
-
-    def log_path(self, host: str) -> Path:
-        return self.run_dir / f"{self.tids[host]}.log"
 
     def ping(self, host: str, timeout: float) -> bool:
         """A targeted ping with limit=1 on a fresh connection (see the module docstring)."""
-        return ping_host(self.app, host, timeout)
+        return ping_host(self.fleet.app, host, timeout)
 
     def wait_all_ping(self, timeout: float) -> list[str]:
-        return wait_all_ping(self.app, self.hosts, timeout)
+        return wait_all_ping(self.fleet.app, self.hosts, timeout)
 
     def sup_alive(self) -> None:
-        if self.sup.poll() is not None:
-            raise SetupError(f"`supervisor run` exited with {self.sup.returncode}; see {self.tmp}/supervisor.log")
+        sup = self.fleet.sup
+        if sup.poll() is not None:
+            raise SetupError(f"`supervisor run` exited with {sup.returncode}; see {self.fleet.tmp}/supervisor.log")
 
     def wait_steady(self, timeout: float) -> str | None:
         """Every worker answers ping and the supervisor has been calm for --settle seconds."""
@@ -279,7 +218,7 @@ class Bench:
             return None
         while time.monotonic() < deadline:
             self.sup_alive()
-            since = self.suplog.all_alive_since(len(self.hosts))
+            since = self.fleet.suplog.all_alive_since(len(self.hosts))
             if since is not None and time.monotonic() - since >= a.settle:
                 return None
             time.sleep(0.05)
@@ -289,7 +228,7 @@ class Bench:
     def trial(self, n: int) -> Trial:
         a = self.args
         victim = self.hosts[(n - 1) % len(self.hosts)]
-        rec = read_pid(self.pid_path(victim))
+        rec = read_pid(self.fleet.pid_path(victim))
         if rec is None:
             return Trial(n, victim, -1, error="no pid file")
         pid, start = rec
@@ -298,7 +237,7 @@ class Bench:
             return Trial(n, victim, pid, error=f"pid {pid} of the pid file is not running")
         tr = Trial(n, victim, pid)
         t0_ref: list = []
-        watch = RestartWatch(self.pid_path(victim), self.log_path(victim), pid, victim, t0_ref)
+        watch = RestartWatch(self.fleet.pid_path(victim), self.fleet.log_path(victim), pid, victim, t0_ref)
         log_offset = watch.offset
         watch.start()
         # the steady state is recognised from a tick line, so without this the kill would always land
@@ -316,10 +255,10 @@ class Bench:
             if self.ping(victim, a.ping_timeout):
                 t_ping = time.monotonic()
                 break
-            if self.sup.poll() is not None:
+            if self.fleet.sup.poll() is not None:
                 break
         # the restart is seen before the ping in practice; give the watcher the rest of the time
-        while watch.t_first is None and time.monotonic() < deadline and self.sup.poll() is None:
+        while watch.t_first is None and time.monotonic() < deadline and self.fleet.sup.poll() is None:
             time.sleep(0.01)
         watch.stop.set()
         watch.thread.join(1)
@@ -333,14 +272,15 @@ class Bench:
             tr.error = f"no restart within {a.timeout:g}s"
         elif tr.ping_s is None:
             tr.error = f"restarted, but no ping reply within {a.timeout:g}s"
-        if self.sup.poll() is not None:
-            tr.error = (tr.error + "; " if tr.error else "") + f"`supervisor run` exited with {self.sup.returncode}"
+        sup = self.fleet.sup
+        if sup.poll() is not None:
+            tr.error = (tr.error + "; " if tr.error else "") + f"`supervisor run` exited with {sup.returncode}"
         return tr
 
     def ready_after(self, host: str, offset: int, kill_wall: float) -> float | None:
         """kill -> the first "<host> ready." line the worker's log got after the kill."""
         try:
-            with open(self.log_path(host), "rb") as fh:
+            with open(self.fleet.log_path(host), "rb") as fh:
                 fh.seek(offset)
                 data = fh.read()
         except OSError:
@@ -359,10 +299,10 @@ class Bench:
         msg = self.wait_steady(60)
         self.load_start = [round(x, 2) for x in os.getloadavg()]
         if msg:
-            raise SetupError(f"no steady state after the supervisor's start: {msg}; see {self.tmp}")
-        startup_cpu = proc_cpu(self.sup.pid)
-        cpu0, wall0 = proc_cpu(self.sup.pid), time.monotonic()
-        ticks0 = self.suplog.tick_count()
+            raise SetupError(f"no steady state after the supervisor's start: {msg}; see {self.fleet.tmp}")
+        startup_cpu = proc_cpu(self.fleet.sup.pid)
+        cpu0, wall0 = proc_cpu(self.fleet.sup.pid), time.monotonic()
+        ticks0 = self.fleet.suplog.tick_count()
         trials: list[Trial] = []
         for n in range(1, a.trials + 1):
             if n > 1:
@@ -383,20 +323,20 @@ class Bench:
             log(f"  trial {n:>3}: {tr.victim:<16} pid {tr.old_pid} -> {tr.new_pid}: restart issued "
                 f"{fmt(tr.restart_s)} (pid file {fmt(tr.restart_pidfile_s)}, log {fmt(tr.restart_logline_s)}), "
                 f"answers ping {fmt(tr.ping_s)}" + (f"  FAILED: {tr.error}" if tr.error else ""))
-            self.adapter._reap()  # the workers the bench started itself are its children: no zombies
-            if self.sup.poll() is not None:
+            self.fleet.adapter._reap()  # the workers the bench started itself are its children: no zombies
+            if self.fleet.sup.poll() is not None:
                 break
         # let the last victim come back fully, so the window covers whole trials
         self.wait_steady(a.timeout)
         for tr, kill_wall in self.kill_walls:
-            r, back = self.suplog.supervisor_view(tr.victim, kill_wall, len(self.hosts))
+            r, back = self.fleet.suplog.supervisor_view(tr.victim, kill_wall, len(self.hosts))
             tr.sup_restart_logged_s = round(r, 4) if r is not None else None
             tr.sup_sees_alive_s = round(back, 4) if back is not None else None
-        cpu1, wall1 = proc_cpu(self.sup.pid), time.monotonic()
-        hwm = proc_status_kb(self.sup.pid, "VmHWM")
-        total_cpu = proc_cpu(self.sup.pid)
-        ticks = self.suplog.tick_count() - ticks0
-        durations = self.suplog.tick_durations(ticks0)  # the ticks of the measured window
+        cpu1, wall1 = proc_cpu(self.fleet.sup.pid), time.monotonic()
+        hwm = proc_status_kb(self.fleet.sup.pid, "VmHWM")
+        total_cpu = proc_cpu(self.fleet.sup.pid)
+        ticks = self.fleet.suplog.tick_count() - ticks0
+        durations = self.fleet.suplog.tick_durations(ticks0)  # the ticks of the measured window
         ok = [t for t in trials if t.error is None]
         wall = wall1 - wall0
         cpu = (cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None
@@ -417,7 +357,7 @@ class Bench:
             "restarted_within_two_intervals": sum(t.restart_s <= 2 * self.interval_s for t in ok),
             "percentile_method": PERCENTILE_METHOD,
             "supervisor": {
-                "pid": self.sup.pid,
+                "pid": self.fleet.sup.pid,
                 "cpu_s": round(cpu, 3) if cpu is not None else None,
                 "wall_s": round(wall, 2),
                 "cpu_pct_of_one_core": round(100 * cpu / wall, 2) if cpu is not None and wall > 0 else None,
@@ -429,15 +369,11 @@ class Bench:
                 "ticks_in_window": ticks if durations else None,
                 "cpu_ms_per_tick": round(1000 * cpu / ticks, 2) if durations and ticks and cpu is not None else None,
                 "tick_duration_s": summary(durations) if durations else None,
-                "log_problems": self.suplog.problems[-20:],
+                "log_problems": self.fleet.suplog.problems[-20:],
             },
         }
 
     def setup_info(self) -> dict:
-        import celery
-
-        from supervisor import __version__
-
         a = self.args
         return {
             "workers": a.workers,
@@ -449,48 +385,15 @@ class Bench:
             "seed": a.seed,
             "settle_s": a.settle,
             "supervisor_log_level": a.supervisor_log_level,
-            "python": platform.python_version(),
-            "celery": celery.__version__,
-            "celery_supervisor": __version__,
-            "redis_binary": self.redis.binary,
-            "redis_version": redis_version(self.redis.binary),
-            "cpus": os.cpu_count(),
-            "loadavg_at_start": self.load_start,
-            "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
-            "kernel": platform.release(),
-            "tmp": self.tmp,
+            **self.fleet.environment(self.load_start),
         }
 
     # ---- cleanup (idempotent; every step on its own)
     def cleanup(self) -> list[str]:
-        done = []
-        for th in (self.rss, self.suplog):
+        for th in (self.rss, self.fleet.suplog):
             if th is not None:
                 th.stop.set()
-        if self.sup is not None:
-            self.sup_exit, msg = stop_supervisor(self.sup)
-            done.append(msg)
-        if self.adapter is not None:
-            done.append(stop_workers(self.adapter, self.targets, self.pid_path))
-        if self.sup_log_file is not None:
-            self.sup_log_file.close()
-        if self.redis is not None:
-            self.redis.close()
-            done.append("redis stopped")
-        if self.tmp:
-            if self.args.keep:
-                done.append(f"kept {self.tmp}")
-            else:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-        return done
-
-
-class SetupError(Exception):
-    pass
-
-
-def fmt_s(v: float | None) -> str:
-    return "-" if v is None else f"{v:.3f}s"
+        return self.fleet.stop(self.args.keep)
 
 
 def print_text(res: dict) -> None:
@@ -559,32 +462,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.trials < 1 or a.workers < 1:
         p.error("--trials and --workers must be at least 1")
 
-    def on_term(*_):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
     b = Bench(a)
-    code = 0
-    res = None
-    try:
-        b.setup()
-        res = b.run()
-        code = 1 if res["failed"] else 0
-    except KeyboardInterrupt:
-        log("interrupted")
-        code = 130
-    except SetupError as e:
-        log(f"setup failed: {e}")
-        code = 2
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave processes behind
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        for line in b.cleanup():
-            log(f"cleanup: {line}")
+    res, code = run_bench(b, lambda res: 1 if res["failed"] else 0)
     if res is not None:
-        res["supervisor"]["exit_code_on_sigterm"] = b.sup_exit
-        if b.sup_exit not in (0, None):
-            res["supervisor"]["log_problems"].append(f"`supervisor run` exited {b.sup_exit} on SIGTERM")
+        sup_exit = b.fleet.sup_exit
+        res["supervisor"]["exit_code_on_sigterm"] = sup_exit
+        if sup_exit not in (0, None):
+            res["supervisor"]["log_problems"].append(f"`supervisor run` exited {sup_exit} on SIGTERM")
         if a.json:
             print(json.dumps(res, indent=2))
         else:

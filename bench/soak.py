@@ -42,13 +42,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -58,20 +54,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py, however this file is run
 from _common import (  # noqa: E402
     PERCENTILE_METHOD,
-    SupervisorLog,
+    Fleet,
+    SetupError,
+    fmt_s,
     log,
     nearest_rank,
     proc_cpu,
     proc_fds,
     proc_status_kb,
-    redis_version,
+    run_bench,
     running_pid,
-    start_supervisor,
-    stop_supervisor,
-    stop_workers,
     summary,
     wait_all_ping,
-    worker_target,
+    worker_restart,
 )
 
 SAMPLE_EVERY = 10.0  # seconds between two samples of the supervisor process
@@ -165,16 +160,8 @@ class Kill:
 @dataclass
 class Soak:
     args: argparse.Namespace
-    tmp: str = ""
-    redis: object = None
+    fleet: Fleet = field(default_factory=Fleet)
     catcher: Catcher | None = None
-    adapter: object = None
-    targets: list = field(default_factory=list)
-    sup: subprocess.Popen | None = None
-    sup_log_file: object = None
-    suplog: SupervisorLog | None = None
-    app: object = None
-    sup_exit: int | None = None
     samples: list[Sample] = field(default_factory=list)
     kills: list[Kill] = field(default_factory=list)
     interrupted: bool = False
@@ -182,15 +169,9 @@ class Soak:
 
     # ---- setup
     def setup(self) -> None:
-        import yaml
-
-        from platforms.local import Adapter
-        from supervisor.config import load_config
         from supervisor.durations import parse_duration
-        from supervisor.embedded_redis import RedisServer
-        from supervisor.observe.celeryapp import make_app
 
-        a = self.args
+        a, f = self.args, self.fleet
         self.duration_s = parse_duration(a.duration)
         self.interval_s = parse_duration(a.interval)
         self.kill_every_s = parse_duration(a.kill_every)
@@ -200,16 +181,12 @@ class Soak:
         self.kill_tail_s = min(30.0, self.kill_every_s / 2)
         self.kill_plan = (int((self.duration_s - self.kill_tail_s) // self.kill_every_s)
                           if self.kill_every_s > 0 and self.duration_s > self.kill_tail_s else 0)
-        self.tmp = tempfile.mkdtemp(prefix="bench-soak-")
-        self.redis = RedisServer()
-        self.redis.start()
-        url = f"{self.redis.url}/0"
+        url = f.open("bench-soak-")
         self.catcher = Catcher()
         self.hosts = [f"celery@soak-{i}" for i in range(1, a.workers + 1)]
-        self.run_dir = Path(self.tmp) / "run"
         doc = {
             "broker": {"url": url},
-            "loop": {"interval": a.interval, "state_path": str(Path(self.tmp) / "state.db"),
+            "loop": {"interval": a.interval, "state_path": str(Path(f.tmp) / "state.db"),
                      "ping_timeout": a.ping_timeout},
             "notify": {
                 "channels": [{"name": "catcher", "url": f"json://127.0.0.1:{self.catcher.port}/hook",
@@ -217,86 +194,52 @@ class Soak:
                 "send_resolved": True,
                 "retry": ["1s", "5s"],
             },
-            "platforms": {"local": {"run_dir": str(self.run_dir)}},
+            "platforms": {"local": {"run_dir": str(f.run_dir)}},
             "groups": [{
                 "name": "soak",
                 "workers": self.hosts,
                 "min_workers": a.workers,
                 "queues": ["celery"],
                 "heartbeat_timeout": a.heartbeat_timeout,
-                "restart": {
-                    "platform": "local",
-                    "target": worker_target(),
-                    "env": {"CELERY_BROKER_URL": url},
-                    # never the budget's limit: a random victim may be the same worker every time
-                    "max_restarts": self.kill_plan + 5,
-                    "window": "1h",
-                    "backoff": "0s",
-                    "grace": "5s",
-                    "stop_timeout": "5s",
-                },
+                # never the budget's limit: a random victim may be the same worker every time
+                "restart": worker_restart(url, max_restarts=self.kill_plan + 5),
             }],
             "queues": [{"name": "celery", "min_consumers": 1}],
             "ha": {"lease": "off"},  # single replica; keeps the "no lease yet" warning out of the log
         }
-        self.config_path = Path(self.tmp) / "config.yaml"
-        self.config_path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
-        cfg = load_config(self.config_path, env={})
-        self.adapter = Adapter(cfg)
-        group = cfg.groups[0]
-        self.targets = [self.adapter.target_for(group, h) for h in self.hosts]
-        self.tids = {t.hostname: t.id for t in self.targets}
-        self.app = make_app(cfg.broker)
-
-        t = time.monotonic()
-        for tg in self.targets:
-            r = self.adapter.restart(tg, "bench start")
-            if not r.ok:
-                raise SetupError(f"could not start {tg.hostname}: {r.message}")
-        missing = wait_all_ping(self.app, self.hosts, 180)
-        if missing:
-            raise SetupError(f"workers did not answer ping within 180s: {missing}; see {self.run_dir}")
-        self.workers_start_s = round(time.monotonic() - t, 1)
+        self.workers_start_s = round(f.start_workers(doc, self.hosts, 180), 1)
         log(f"started {a.workers} workers in {self.workers_start_s}s; starting `supervisor run`")
-
-        sup_out = Path(self.tmp) / "supervisor.log"
-        self.sup_log_file = open(sup_out, "ab")  # noqa: SIM115 (closed in cleanup)
-        self.sup = start_supervisor(self.config_path, self.tmp, self.sup_log_file, "DEBUG")
-        self.sup_started = time.monotonic()
-        self.suplog = SupervisorLog(sup_out)
-        self.suplog.start()
-
-    def pid_path(self, host: str) -> Path:
-        return self.run_dir / f"{self.tids[host]}.pid"
+        f.start_supervisor("DEBUG")
 
     def running(self) -> dict[str, int]:
         out = {}
         for h in self.hosts:
-            pid = running_pid(self.pid_path(h))
+            pid = running_pid(self.fleet.pid_path(h))
             if pid is not None:
                 out[h] = pid
         return out
 
     def wait_steady(self, timeout: float) -> None:
         """Every worker answers ping and the supervisor's ticks have said N/N alive for --settle seconds."""
+        f = self.fleet
         n = len(self.hosts)
         deadline = time.monotonic() + timeout
-        missing = wait_all_ping(self.app, self.hosts, timeout)
+        missing = wait_all_ping(f.app, self.hosts, timeout)
         if missing:
-            raise SetupError(f"not answering ping: {', '.join(missing)}; see {self.tmp}")
+            raise SetupError(f"not answering ping: {', '.join(missing)}; see {f.tmp}")
         while time.monotonic() < deadline:
-            if self.sup.poll() is not None:
-                raise SetupError(f"`supervisor run` exited with {self.sup.returncode}; see {self.tmp}/supervisor.log")
-            since = self.suplog.all_alive_since(n)
+            if f.sup.poll() is not None:
+                raise SetupError(f"`supervisor run` exited with {f.sup.returncode}; see {f.tmp}/supervisor.log")
+            since = f.suplog.all_alive_since(n)
             if since is not None and time.monotonic() - since >= self.args.settle:
                 return
             time.sleep(0.1)
         raise SetupError(f"the supervisor's ticks did not say {n}/{n} alive for {self.args.settle}s "
-                         f"within {timeout:g}s; see {self.tmp}/supervisor.log")
+                         f"within {timeout:g}s; see {f.tmp}/supervisor.log")
 
     # ---- the window
     def sample(self, elapsed: float) -> Sample:
-        pid = self.sup.pid
+        pid = self.fleet.sup.pid
         box = box_cpu()
         s = Sample(
             elapsed=round(elapsed, 2),
@@ -304,7 +247,7 @@ class Soak:
             cpu_s=proc_cpu(pid),
             threads=proc_status_kb(pid, "Threads"),
             fds=proc_fds(pid),
-            ticks=self.suplog.tick_count() - self.ticks0,
+            ticks=self.fleet.suplog.tick_count() - self.ticks0,
             workers_running=len(self.running()),
             box_busy=box[0] if box else None,
             box_total=box[1] if box else None,
@@ -332,10 +275,10 @@ class Soak:
     def run(self) -> dict:
         a = self.args
         self.wait_steady(180)
-        self.steady_after_s = round(time.monotonic() - self.sup_started, 1)
-        self.startup_cpu = proc_cpu(self.sup.pid)
+        self.steady_after_s = round(time.monotonic() - self.fleet.sup_started, 1)
+        self.startup_cpu = proc_cpu(self.fleet.sup.pid)
         self.load_start = [round(x, 2) for x in os.getloadavg()]
-        self.ticks0 = self.suplog.tick_count()
+        self.ticks0 = self.fleet.suplog.tick_count()
         self.t0 = time.monotonic()
         self.wall0 = time.time()
         self.sample(0.0)
@@ -351,9 +294,9 @@ class Soak:
         try:
             while True:
                 elapsed = time.monotonic() - self.t0
-                self.adapter._reap()  # workers the bench started are its children: no zombies
-                if self.sup.poll() is not None:
-                    self.sup_died = f"`supervisor run` exited with {self.sup.returncode} at {elapsed:.0f}s"
+                self.fleet.adapter._reap()  # workers the bench started are its children: no zombies
+                if self.fleet.sup.poll() is not None:
+                    self.sup_died = f"`supervisor run` exited with {self.fleet.sup.returncode} at {elapsed:.0f}s"
                     log(self.sup_died)
                     break
                 if kill_times and elapsed >= kill_times[0]:
@@ -373,7 +316,7 @@ class Soak:
         except KeyboardInterrupt:
             self.interrupted = True
             log("interrupted: summarising what was measured so far")
-            if self.sup.poll() is None:
+            if self.fleet.sup.poll() is None:
                 self.sample(time.monotonic() - self.t0)
         return self.results()
 
@@ -385,8 +328,8 @@ class Soak:
         if len(self.samples) > 1 and (not picks or picks[-1] != len(self.samples) - 1):
             picks.append(len(self.samples) - 1)
         prev = 0
-        with self.suplog.lock:
-            tick_lines = self.suplog.ticks[self.ticks0:]
+        with self.fleet.suplog.lock:
+            tick_lines = self.fleet.suplog.ticks[self.ticks0:]
         for i in picks:
             s, p = self.samples[i], self.samples[prev]
             wall = s.elapsed - p.elapsed
@@ -426,15 +369,15 @@ class Soak:
             my = sum(y for _, y in pts) / len(pts)
             den = sum((x - mx) ** 2 for x, _ in pts)
             lsq = sum((x - mx) * (y - my) for x, y in pts) / den * 3600 if den else None
-        with self.suplog.lock:
-            tick_lines = list(self.suplog.ticks[self.ticks0:self.ticks0 + last.ticks])
-            restarts = [r for r in self.suplog.restarts if r[0] is not None and r[0] >= self.wall0 - 0.002]
-            errors = list(self.suplog.errors)
-            slow = self.suplog.slow_ticks
+        with self.fleet.suplog.lock:
+            tick_lines = list(self.fleet.suplog.ticks[self.ticks0:self.ticks0 + last.ticks])
+            restarts = [r for r in self.fleet.suplog.restarts if r[0] is not None and r[0] >= self.wall0 - 0.002]
+            errors = list(self.fleet.suplog.errors)
+            slow = self.fleet.suplog.slow_ticks
         durations = [t[5] for t in tick_lines]
         restarts_ok = sum(r[2].rsplit(" -> ", 1)[-1].startswith("ok") for r in restarts)
         for k in self.kills:
-            r, back = self.suplog.supervisor_view(k.hostname, k.wall, n)
+            r, back = self.fleet.suplog.supervisor_view(k.hostname, k.wall, n)
             k.restart_logged_s = round(r, 3) if r is not None else None
             k.sees_all_alive_s = round(back, 3) if back is not None else None
         end_mono = self.t0 + last.elapsed
@@ -444,7 +387,7 @@ class Soak:
         for _, title, typ in deliveries:
             key = f"[{typ}] {title}"
             by_title[key] = by_title.get(key, 0) + 1
-        hwm = proc_status_kb(self.sup.pid, "VmHWM")
+        hwm = proc_status_kb(self.fleet.sup.pid, "VmHWM")
         rss_vals = [s.rss_kb for s in samples]
         return {
             "setup": self.setup_info(),
@@ -499,10 +442,6 @@ class Soak:
         }
 
     def setup_info(self) -> dict:
-        import celery
-
-        from supervisor import __version__
-
         a = self.args
         return {
             "workers": a.workers,
@@ -516,49 +455,25 @@ class Soak:
             "seed": a.seed,
             "workers_start_s": self.workers_start_s,
             "supervisor_steady_after_s": self.steady_after_s,
-            "supervisor_pid": self.sup.pid,
-            "python": platform.python_version(),
-            "celery": celery.__version__,
-            "celery_supervisor": __version__,
-            "redis_binary": self.redis.binary,
-            "redis_version": redis_version(self.redis.binary),
-            "cpus": os.cpu_count(),
-            "loadavg_at_start": self.load_start,
-            "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
-            "kernel": platform.release(),
-            "tmp": self.tmp,
+            "supervisor_pid": self.fleet.sup.pid,
+            **self.fleet.environment(self.load_start),
         }
 
     # ---- cleanup (idempotent; every step on its own)
     def cleanup(self) -> list[str]:
+        f = self.fleet
         done = []
-        if self.sup is not None:
-            t = time.monotonic()
-            self.sup_exit, msg = stop_supervisor(self.sup)
+        t = time.monotonic()
+        msg = f.stop_supervisor()
+        if msg is not None:
             done.append(f"{msg} ({time.monotonic() - t:.1f}s)")
-        if self.suplog is not None:
+        if f.suplog is not None:
             time.sleep(0.2)  # let the tailer read the shutdown's lines (ERRORs there count too)
-            self.suplog.stop.set()
-            self.suplog.thread.join(2)
-        if self.adapter is not None:
-            done.append(stop_workers(self.adapter, self.targets, self.pid_path))
-        if self.sup_log_file is not None:
-            self.sup_log_file.close()
+            f.suplog.stop.set()
+            f.suplog.thread.join(2)
         if self.catcher is not None:
             self.catcher.close()
-        if self.redis is not None:
-            self.redis.close()
-            done.append("redis stopped")
-        if self.tmp:
-            if self.args.keep:
-                done.append(f"kept {self.tmp}")
-            else:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-        return done
-
-
-class SetupError(Exception):
-    pass
+        return done + f.stop(self.args.keep)
 
 
 # ---------------------------------------------------------------- output
@@ -576,10 +491,6 @@ def minute_row(r: dict) -> str:
     return (f"  {label:>8}{f(r['rss_mb'], '.1f'):>8}{f(r['threads'], 'd'):>9}{f(r['fds'], 'd'):>6}"
             f"{f(r['cpu_pct_of_one_core'], '.2f'):>8}{r['ticks']:>7}{f(r['tick_max_s'], '.3f'):>10}"
             f"{r['workers_running']:>9}{f(r['box_cpu_pct'], '.1f'):>11}{r['load1']:>7.2f}")
-
-
-def fmt_s(v: float | None) -> str:
-    return "-" if v is None else f"{v:.3f}s"
 
 
 def print_text(res: dict) -> None:
@@ -665,37 +576,23 @@ def main(argv: list[str] | None = None) -> int:
     if a.workers < 1:
         p.error("--workers must be at least 1")
 
-    def on_term(*_):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
     b = Soak(a)
-    code = 0
-    res = None
-    try:
-        b.setup()
-        res = b.run()
+
+    def exit_code(res: dict) -> int:
         if b.interrupted:
-            code = 130
-        elif not res["completed"] or res["summary"]["kills_with_restart"] < res["summary"]["kills"]:
-            code = 1
-    except KeyboardInterrupt:
-        log("interrupted")
-        code = 130
-    except SetupError as e:
-        log(f"setup failed: {e}")
-        code = 2
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave processes behind
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        for line in b.cleanup():
-            log(f"cleanup: {line}")
+            return 130
+        if not res["completed"] or res["summary"]["kills_with_restart"] < res["summary"]["kills"]:
+            return 1
+        return 0
+
+    res, code = run_bench(b, exit_code)
     if res is not None:
-        res["supervisor_exit_code_on_sigterm"] = b.sup_exit
-        with b.suplog.lock:  # ERROR lines of the whole log, the shutdown's included
-            res["summary"]["error_lines"] = len(b.suplog.errors)
-            res["summary"]["first_errors"] = b.suplog.errors[:5]
-        if b.sup_exit != 0:
+        sup_exit, suplog = b.fleet.sup_exit, b.fleet.suplog
+        res["supervisor_exit_code_on_sigterm"] = sup_exit
+        with suplog.lock:  # ERROR lines of the whole log, the shutdown's included
+            res["summary"]["error_lines"] = len(suplog.errors)
+            res["summary"]["first_errors"] = suplog.errors[:5]
+        if sup_exit != 0:
             code = code or 1
         if a.json:
             print(json.dumps(res, indent=2))

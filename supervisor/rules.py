@@ -318,6 +318,3 @@ class RuleBook:
                 out.append(Transition(key, "firing", "resolved",
                                       replace(st, state="resolved", resolved_at=now, severity=announced)))
         return out
-
-    def active(self) -> list[RuleState]:
-        return sorted(self.states.values(), key=lambda s: s.key)

@@ -149,16 +149,30 @@ def once(config_path: str, dry_run: bool, as_json: bool, log_level: str) -> None
     sys.exit(report.exit_code)
 
 
-def _one_pass(cfg, dry_run: bool, flush: float, on_error: str | None = None):
+def _one_pass(cfg, dry_run: bool, flush: float, on_error: str | None = None, state="open"):
     """One `once` pass. A plugin-style command answers UNKNOWN (3) on an internal error, never a
     traceback and exit 1 (which Nagios would read as WARNING)."""
     from supervisor.loop import Supervisor
 
     try:
-        sup = Supervisor(cfg, dry_run=dry_run, one_shot=True)
+        # `once` keeps its restarts, announced alerts and outbox in the state file like the daemon
+        # (a cron job does not re-page nor refill budgets); a dry run only reads it; nagios has none
+        sup = Supervisor(cfg, dry_run=dry_run, one_shot=True, state=state)
+        lease = None
         try:
+            if not dry_run:  # a running leader (`supervisor run` replicas) acts; this pass then only plans
+                from supervisor.lease import lease_for_one_pass
+
+                lease = sup.lease = lease_for_one_pass(cfg)
+                if lease is not None and not lease.is_leader():
+                    why = (f"cannot reach the lease store ({lease.store_error})" if lease.store_error else
+                           f"another replica holds the leader lease ({lease.seen_holder})")
+                    click.echo(f"{why}: this pass restarts nothing"
+                               f"{'' if lease.store_error else ' and sends no alert'}", err=True)
             return sup.once()
         finally:
+            if lease is not None:
+                lease.stop(release=True)
             sup.close(flush=flush)
     except Exception as e:
         logging.getLogger("supervisor").error("internal error: %s", redact.scrub(e), exc_info=True)
@@ -177,7 +191,7 @@ def nagios(config_path: str, log_level: str) -> None:
     cfg = load(config_path)
     from supervisor.nagios import nagios_line
 
-    report = _one_pass(cfg, dry_run=True, flush=0.0, on_error="CELERY UNKNOWN - internal error: ")
+    report = _one_pass(cfg, dry_run=True, flush=0.0, on_error="CELERY UNKNOWN - internal error: ", state=None)
     click.echo(nagios_line(report, cfg))
     sys.exit(report.exit_code)
 
@@ -186,12 +200,23 @@ def nagios(config_path: str, log_level: str) -> None:
 @config_option
 @log_option
 def run(config_path: str, log_level: str) -> None:
-    """The daemon: observe, decide and act every loop.interval until SIGTERM or SIGINT."""
+    """The daemon: observe, decide and act every loop.interval until SIGTERM or SIGINT; SIGHUP
+    re-reads the config file (an invalid one is logged and the running config kept)."""
     setup_logging(log_level)
     cfg = load(config_path)
     from supervisor.daemon import run_daemon
+    from supervisor.lease import LeaseError
+    from supervisor.state import StateError
 
-    sys.exit(run_daemon(cfg))
+    try:
+        rc = run_daemon(cfg, config_path=config_path)  # SIGHUP re-reads config_path
+    except LeaseError as e:  # ha.lease cannot be set up: never run as a second acting replica
+        click.echo(f"ha.lease {cfg.ha.lease}: {e}", err=True)
+        sys.exit(EXIT_INVALID_CONFIG)
+    except StateError as e:  # the state file cannot be used, or another daemon holds it
+        click.echo(f"loop.state_path: {e}", err=True)
+        sys.exit(EXIT_INVALID_CONFIG)
+    sys.exit(rc)
 
 
 @main.command("test-alert")
@@ -227,6 +252,110 @@ def demo(workers: int, keep_dir: bool) -> None:
     from supervisor.demo import run_demo
 
     sys.exit(run_demo(workers=workers, keep_dir=keep_dir))
+
+
+
+# ---------------------------------------------------------------- durable state: status, silence, reset
+def _open_state(cfg, readonly: bool):
+    """The state file of this config, or exit 3 with the reason (no traceback)."""
+    from supervisor.state import StateError, StateStore
+
+    path = cfg.loop.state_path
+    if readonly and not path.exists():
+        click.echo(f"no state file at {path} (loop.state_path): has `supervisor run` run with this config?", err=True)
+        sys.exit(3)
+    try:
+        return StateStore(path, readonly=readonly)
+    except StateError as e:
+        click.echo(f"cannot use the state file: {e}", err=True)
+        sys.exit(3)
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the status document as JSON (for scripts).")
+def status(config_path: str, as_json: bool) -> None:
+    """What the daemon knows: workers, queues, findings, recent restarts, budgets, silences.
+
+    Read from the state file the daemon writes every cycle (loop.state_path). Exit 0, or 3 when
+    there is no state or its last cycle is stale (the daemon is not running)."""
+    setup_logging("WARNING")
+    cfg = load(config_path)
+    from supervisor.status import document_from_state, render_table
+
+    store = _open_state(cfg, readonly=True)
+    try:
+        doc = document_from_state(cfg, store)
+    finally:
+        store.close()
+    if as_json:
+        click.echo(redact.scrub(json.dumps(doc, indent=2, default=str)))
+    else:
+        click.echo(render_table(doc))
+    sys.exit(3 if doc["stale"] else 0)
+
+
+@main.command()
+@config_option
+@click.argument("match")
+@click.option("--for", "duration", default="1h", show_default=True, help="How long: 30m, 2h, 1d ...")
+@click.option("--reason", default=None, help="Why (shown in status and logs); required for a new silence.")
+@click.option("--remove", is_flag=True, help="End the silences of MATCH (or the silence with id MATCH) now.")
+def silence(config_path: str, match: str, duration: str, reason: str | None, remove: bool) -> None:
+    """Mute the alerts of a GROUP or a worker HOSTNAME for a while (restarts still happen).
+
+    A finding that still fires when the silence ends is announced then."""
+    setup_logging("WARNING")
+    cfg = load(config_path)
+    from supervisor.durations import format_duration, parse_duration
+
+    store = _open_state(cfg, readonly=False)
+    try:
+        if remove:
+            n = store.expire_silence(match)
+            click.echo(f"ended {n} silence(s) of {match}")
+            sys.exit(0 if n else 1)
+        if not reason:
+            click.echo("--reason is required: say why (it is shown in status and logs)", err=True)
+            sys.exit(2)
+        try:
+            seconds = parse_duration(duration)
+        except ValueError as e:
+            click.echo(f"--for: {e}", err=True)
+            sys.exit(2)
+        if seconds <= 0:
+            click.echo("--for: must be longer than 0", err=True)
+            sys.exit(2)
+        known = {g.name for g in cfg.groups} | {w for g in cfg.groups for w in g.workers}
+        if match not in known and cfg.group_of(match) is None:
+            click.echo(f"{match!r} is neither a group of this config nor a hostname its groups match", err=True)
+            sys.exit(2)
+        import getpass
+
+        s = store.add_silence(match, seconds, reason, author=getpass.getuser())
+        click.echo(f"silenced {match} for {format_duration(seconds)} (id {s.id}): {reason}")
+    finally:
+        store.close()
+
+
+@main.command()
+@config_option
+@click.argument("target")
+def reset(config_path: str, target: str) -> None:
+    """Clear the restart budget of a TARGET (its platform id, or the worker's hostname)."""
+    setup_logging("WARNING")
+    cfg = load(config_path)
+    store = _open_state(cfg, readonly=False)
+    try:
+        n = store.reset(target)
+        if n == 0:
+            known = sorted({t for t, _ in store.known_targets()} | {h for _, h in store.known_targets() if h})
+            click.echo(f"no restart recorded for {target!r}" + (f"; known: {', '.join(known)}" if known else ""),
+                       err=True)
+            sys.exit(1)
+        click.echo(f"cleared {n} restart(s) of {target}: its budget is full again")
+    finally:
+        store.close()
 
 
 if __name__ == "__main__":  # pragma: no cover

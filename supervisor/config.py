@@ -132,32 +132,54 @@ class LocalPlatform(_Model):
 
 
 class SystemdPlatform(_Model):
-    host: str | None = None  # systemctl -H user@host
-    user: bool = False  # systemctl --user
-    timeout: Duration = 30.0
+    host: str | None = None  # systemctl -H [user@]host[:port][/container] (systemctl uses ssh)
+    user: bool = False  # systemctl --user (the user's own service manager)
+    timeout: Duration = Field(30.0, ge=1.0)  # one systemctl/journalctl call; a restart also waits the unit's TimeoutStopSec
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(
+            r"(?:[A-Za-z0-9_][A-Za-z0-9._-]*@)?(?:[A-Za-z0-9_][A-Za-z0-9._-]*|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?"
+            r"(?:/[A-Za-z0-9_][A-Za-z0-9._-]*)?", v
+        ):
+            raise ValueError("host must be [user@]host[:port][/container], as systemctl -H takes it")
+        return v
 
 
 class DockerPlatform(_Model):
-    base_url: str | None = None  # default: DOCKER_HOST or the local socket
-    timeout: Duration = 30.0
+    # unix:///var/run/docker.sock, tcp://host:2376, ssh://user@host; default: DOCKER_HOST, else the
+    # local socket. TLS (tcp://...:2376): DOCKER_TLS_VERIFY / DOCKER_CERT_PATH, as for the docker CLI
+    base_url: str | None = None
+    timeout: Duration = Field(30.0, ge=1.0)  # one API call; a restart waits stop_timeout more
 
 
 class KubernetesPlatform(_Model):
     in_cluster: bool | None = None  # None: in-cluster when running in a pod, else kubeconfig
-    kubeconfig: str | None = None
-    context: str | None = None
+    kubeconfig: str | None = None  # default: $KUBECONFIG, else ~/.kube/config
+    context: str | None = None  # default: the kubeconfig's current-context
     namespace: str = "default"
-    timeout: Duration = 30.0
+    timeout: Duration = Field(30.0, gt=0)  # one API call (a delete/evict waits longer than its grace period)
 
 
 class CloudFoundryPlatform(_Model):
+    """Log in with username + password (UAA password grant, client ``client_id`` or "cf"), or with
+    client_id + client_secret alone (client credentials grant). The adapter checks the pair."""
+
     api_url: str
     username: str | None = None
     password: SecretStr | None = None
     client_id: str | None = None
     client_secret: SecretStr | None = None
     verify_ssl: bool = True
-    timeout: Duration = 30.0
+    timeout: Duration = Field(30.0, gt=0)  # every call to the API, UAA and log-cache
+
+    @field_validator("api_url")
+    @classmethod
+    def _http(cls, v: str) -> str:
+        if not re.match(r"https?://[^/\s]+", v):
+            raise ValueError("api_url must be the CF API's http(s) URL, e.g. https://api.cf.example.com")
+        return v.rstrip("/")
 
 
 class PlatformsConfig(_Model):
@@ -208,25 +230,82 @@ class LocalRestart(_RestartBase):
 
 class SystemdRestart(_RestartBase):
     platform: Literal["systemd"]
-    target: str = "celery-worker@{worker}.service"
+    target: str = "celery-worker@{worker}.service"  # the unit; ".service" is added when no unit type is given
+
+    @field_validator("target")
+    @classmethod
+    def _unit_name(cls, v: str) -> str:
+        literal = "".join(text for text, _, _, _ in string.Formatter().parse(v))
+        if not re.fullmatch(r"[A-Za-z0-9:_.\\@-]*", literal) or literal.startswith("-"):
+            raise ValueError(f"{v!r} is not a unit name template: a unit name holds only letters, digits "
+                             "and :_.@- (e.g. celery-worker@{worker}.service)")
+        return v
 
 
 class DockerRestart(_RestartBase):
     platform: Literal["docker"]
+    # target: a container name template ("celery-{node}"); selector: container labels. Either or
+    # both; a container serves the hostname whose node part is its own hostname (Config.Hostname)
     selector: dict[str, str] = Field(default_factory=dict)  # container labels
+
+    @model_validator(mode="after")
+    def _target_or_selector(self) -> DockerRestart:
+        if not self.target and not self.selector:
+            raise ValueError("platform docker needs target (a container name template such as "
+                             "\"celery-{node}\") or selector (container labels such as {app: celery-worker})")
+        return self
 
 
 class KubernetesRestart(_RestartBase):
     platform: Literal["kubernetes"]
-    namespace: str | None = None
-    selector: dict[str, str] = Field(default_factory=dict)  # pod labels
+    target: str = "{node}"  # the pod's name: a worker started with -n celery@$(POD_NAME) -> "{node}"
+    namespace: str | None = None  # default: platforms.kubernetes.namespace
+    selector: dict[str, str] = Field(default_factory=dict)  # pod labels (equality only)
     mode: Literal["delete", "evict", "rollout"] = "delete"
+    container: str | None = None  # the worker's container (for its state and logs); default: the pod's only one
 
 
 class CloudFoundryRestart(_RestartBase):
+    """``app``: the CF app name (a template over {hostname} {worker} {node}, or fixed). ``instance``:
+    the pattern a Celery hostname of the app matches, ``*`` any text, ``{index}`` the CF instance
+    index (digits), ``{app}`` the app name (``app`` when set, else taken from the hostname). Workers
+    are started with ``-n celery@<app>-$CF_INSTANCE_INDEX`` for the default pattern."""
+
     platform: Literal["cloudfoundry"]
     app: str | None = None
+    instance: str = "*@{app}-{index}"
+    process: str | None = None  # process type; default: the app's only one, else worker, else web
+    space_guid: str | None = None  # when the same app name exists in several spaces
     mode: Literal["instance", "app", "rolling"] = "instance"
+
+    @field_validator("app")
+    @classmethod
+    def _app_template(cls, v: str | None) -> str | None:
+        return _check_template(v)
+
+    @field_validator("instance")
+    @classmethod
+    def _instance_pattern(cls, v: str) -> str:
+        try:
+            names = [f for _, f, _, _ in string.Formatter().parse(v) if f is not None]
+        except ValueError as e:
+            raise ValueError(f"invalid instance pattern {v!r}: {e}") from None
+        bad = sorted(n for n in names if n not in ("app", "index"))
+        if bad:
+            raise ValueError(f"unknown placeholder {{{bad[0]}}} in instance pattern: use {{index}}, {{app}} and *")
+        if names.count("index") != 1 or names.count("app") > 1:
+            raise ValueError("the instance pattern needs {index} exactly once (and {app} at most once), "
+                             "e.g. \"*@{app}-{index}\" for workers started with -n celery@APP-$CF_INSTANCE_INDEX")
+        return v
+
+    @model_validator(mode="after")
+    def _app_known(self) -> CloudFoundryRestart:
+        if self.target is not None:
+            raise ValueError("cloudfoundry restarts take app and instance, not target "
+                             "(app: my-worker, instance: \"*@{app}-{index}\")")
+        if self.app is None and "{app}" not in self.instance:
+            raise ValueError("set app (the CF app name) or put {app} in the instance pattern")
+        return self
 
 
 RestartConfig = Annotated[
@@ -287,14 +366,30 @@ class HttpConfig(_Model):
     @field_validator("listen")
     @classmethod
     def _hostport(cls, v: str | None) -> str | None:
-        if v is not None and not re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[^:\s]+):\d{1,5}", v):
-            raise ValueError("listen must be HOST:PORT, e.g. 127.0.0.1:9811")
+        # an empty host (":9811") listens on every interface
+        if v is not None and not re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[^:\s]*):\d{1,5}", v):
+            raise ValueError("listen must be HOST:PORT, e.g. 127.0.0.1:9811, [::1]:9811 or :9811")
+        if v is not None and int(v.rsplit(":", 1)[1]) > 65535:
+            raise ValueError("the port of listen must be at most 65535")
         return v
 
 
 class HaConfig(_Model):
     lease: Literal["auto", "kubernetes", "off"] = "auto"
-    lease_ttl: Duration = 15.0
+    lease_ttl: Duration = Field(15.0, ge=1.0)
+    # the lease's name: replicas of one deployment share it (default: derived from the group names,
+    # so that supervisors of different fleets on one broker do not stand by for each other)
+    name: str | None = Field(None, pattern=r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
+    namespace: str | None = None  # ha.lease kubernetes: the Lease's namespace (default platforms.kubernetes.namespace)
+
+    @model_validator(mode="after")
+    def _kubernetes_client(self) -> HaConfig:
+        import importlib.util
+
+        if self.lease == "kubernetes" and importlib.util.find_spec("kubernetes") is None:
+            raise ValueError("ha.lease kubernetes needs the 'kubernetes' package: "
+                             "pip install 'celery-supervisor[kubernetes]'")
+        return self
 
 
 class Config(_Model):

@@ -8,6 +8,7 @@ reports back with ``record_restart``. Unit tests replay observations through it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from supervisor import policy, rules
@@ -46,6 +47,24 @@ class Core:
         self.outage_since: float | None = None  # broker or heartbeat stream lost since
         self.listening_since: float | None = None  # the stream's connection the last tick saw
         self.settle_until: float | None = None
+        self.silenced: set[str] = set()  # finding keys an active silence covered in the last decide
+
+    # ---- durable memory (supervisor.state): what must survive a restart of the supervisor
+    def to_json(self) -> dict:
+        from dataclasses import asdict
+
+        return {
+            "book": self.book.to_json(),
+            "restarted": {h: list(v) for h, v in self.policy.restarted.items()},
+            "groups": {n: asdict(m) for n, m in self.policy.groups.items()},
+        }
+
+    def restore(self, d: dict) -> None:
+        """Take back the memory of an earlier run (restart history comes from the state's table)."""
+        if "book" in d:
+            self.book = rules.RuleBook.from_json(d["book"])
+        self.policy.restarted = {h: (float(v[0]), str(v[1])) for h, v in d.get("restarted", {}).items()}
+        self.policy.groups = {n: policy.GroupMode(**m) for n, m in d.get("groups", {}).items()}
 
     # ---- broker outages: after one, give workers time to reconnect before judging their silence
     def _track_outage(self, obs: Observation) -> None:
@@ -68,7 +87,10 @@ class Core:
         self._track_outage(obs)
         return rules.suspects(self.cfg, obs, self.policy.restarted, self.settle_until)
 
-    def decide(self, obs: Observation, target_ids: dict[str, str] | None = None) -> Decision:
+    def decide(self, obs: Observation, target_ids: dict[str, str] | None = None,
+               silenced: Callable[[Finding], bool] | None = None) -> Decision:
+        """``silenced(finding)``: true for findings an active silence covers (not announced now;
+        announced when the silence ends if they still fire)."""
         self._track_outage(obs)
         cfg, now = self.cfg, obs.now
         restarted = self.policy.restarted
@@ -93,7 +115,11 @@ class Core:
                 g = cfg.group(v.group)
                 if back or g.restart is None or now - at >= g.restart.grace:
                     del restarted[v.hostname]
-        transitions = self.book.advance(findings, now, self._muted(findings, verdicts), self._frozen(obs, verdicts))
+        muted = self._muted(findings, verdicts)
+        if silenced is not None:
+            self.silenced = {f.key for f in findings if silenced(f)}
+            muted |= self.silenced
+        transitions = self.book.advance(findings, now, muted, self._frozen(obs, verdicts))
         observable = obs.broker_ok and obs.listening_since is not None
         return Decision(now, observable, verdicts, findings, transitions, plans, rules.worst(findings),
                         dict(self.book.states))

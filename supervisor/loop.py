@@ -50,7 +50,11 @@ class Supervisor:
         clock: Callable[[], float] = time.time,
         on_tick: Callable[[TickReport], None] | None = None,
         on_event: Callable[[str, str, float], None] | None = None,
+        state=None,
     ):
+        """``state``: a supervisor.state.StateStore (durable memory, restart history, outbox,
+        silences), or None to keep everything in memory (tests of the loop, `nagios`). With
+        ``dry_run`` it is only read."""
         from supervisor.notify import Notifier
         from supervisor.observe.celeryapp import make_app
         from supervisor.observe.heartbeats import EventReceiverSource
@@ -66,15 +70,46 @@ class Supervisor:
         self.queue_reader = QueueReader(cfg.broker, self.app)
         self.notifier = Notifier(cfg.notify)
         self.core = Core(cfg)
+        self._own_state = state == "open"
+        if state == "open":  # the durable state at loop.state_path, owned (and closed) by this object
+            state = open_state(cfg, readonly=dry_run)
+        self.state = state
+        self.outbox = None
+        if state is not None:
+            self.core.restore(state.load_memory().get("core", {}))
+            if not dry_run:
+                from supervisor.outbox import Outbox
+
+                self.outbox = Outbox(state, self.notifier, clock)
         self.platforms: dict = {}
         self.platform_load_errors: dict[str, str] = {}
         self._lock = threading.Lock()  # one tick at a time
         self.last_report: TickReport | None = None
         self.ticks = 0
+        # ha: the leader lease (supervisor.lease), None = act alone. Only a leader restarts and alerts:
+        # ``lease.is_leader()`` is a local check (no I/O), ``lease.confirm()`` asks the lease store
+        # that our fencing token is still the current one, just before a restart.
+        self.lease = None
+        self._unsent: set[str] = set()  # keys a standby did not page: paged again if it takes over
+
+    def acting(self, confirm: bool = False) -> bool:
+        """May this replica act now? (always, without a lease)"""
+        if self.lease is None:
+            return True
+        if not self.lease.is_leader():
+            # alerts only: the leader of the moment the lease store became unreachable goes on alerting
+            # (with ha.lease auto the store is the broker: somebody must say that it is down)
+            return not confirm and self.lease.may_alert()
+        return self.lease.confirm() if confirm else True
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
         self.heartbeats.start()
+        if self.outbox is not None:
+            # alerts accepted before the last stop (or crash) and not delivered: send them now
+            n = self.outbox.retry_due(all_pending=True)
+            if n:
+                log.info("%d alert(s) from the outbox of an earlier run queued for delivery", n)
 
     def close(self, flush: float = 5.0) -> None:
         self.heartbeats.stop(timeout=3.0)
@@ -91,6 +126,8 @@ class Supervisor:
                 p.close()
             except Exception as e:  # closing must not fail the shutdown
                 log.warning("closing platform %s: %s", p.kind, redact.scrub(e))
+        if self._own_state and self.state is not None:
+            self.state.close()
 
     # ------------------------------------------------------------ platforms (lazy)
     def platform(self, kind: str):
@@ -188,18 +225,27 @@ class Supervisor:
         with self._lock:
             t0 = time.monotonic()
             obs = self.observe(broker_error)
-            decision = self.core.decide(obs)
+            silences = self._load_state(obs.now)
+            if self._unsent and self.acting():  # ha: took over; the standby paged nothing: what still fires pages
+                for key in self._unsent:
+                    self.core.book.notified.pop(key, None)
+                self._unsent.clear()
+            decision = self.core.decide(obs, silenced=lambda f: any(
+                s.covers(f.group, f.hostname, f.subject) for s in silences))
             report = TickReport(obs, decision, platform_errors=dict(obs.platform_errors))
             details: dict[str, list[str]] = {}
             for plan in decision.plans:
                 action, detail = self._restart(plan, decision, obs)
                 report.actions.append(action)
                 details.setdefault(plan.hostname, []).append(detail)
-            report.actions += self._alert(decision, details)
+            report.actions += self._dispatch(self._alert(decision, details))
+            if self.outbox is not None:
+                self.outbox.retry_due()
             report.notes = dict(self.core.policy.notes)
             report.duration = time.monotonic() - t0
             self.ticks += 1
             self.last_report = report
+            self._save_status(report)
         self._log(report)
         if self.on_tick is not None:
             self.on_tick(report)
@@ -228,12 +274,18 @@ class Supervisor:
                     f"cannot restart now ({plan.blocked}); by hand: {command}")
         if self.dry_run:
             return replace(base, result="dry run: not executed"), f"would restart through {kind}: {command}"
+        if not self.acting(confirm=True):
+            return (replace(base, result="not executed: standby (another replica holds the lease)"),
+                    f"standby: the leader restarts ({command})")
         logs = ""
         try:
             logs = adapter.logs(target, LOG_LINES)
         except Exception as e:
             logs = f"(logs unavailable: {redact.scrub(e)})"
         at = self.clock()
+        row = None
+        if self.state is not None:  # before the platform is asked: a crash now still spends the budget
+            row = self.state.restart_started(at, target.id, plan.group, plan.hostname, plan.reason)
         try:
             result = adapter.restart(target, plan.reason)
             ok, msg = result.ok, result.message
@@ -241,6 +293,8 @@ class Supervisor:
             ok, msg = False, f"{type(e).__name__}: {e}"
         msg = redact.scrub(msg)
         self.core.record_restart(plan, at, ok)
+        if row is not None:
+            self.state.restart_finished(row, ok, msg)
         what = "canary restart" if plan.canary else "restarted"
         detail = (f"{what} {target.id} through {kind} ({command}): {'ok' if ok else 'FAILED'}"
                   f"{': ' + msg if msg else ''}; {plan.budget_left} restart(s) left in the window")
@@ -248,10 +302,12 @@ class Supervisor:
             detail += f"\n\nlast output of {target.id}:\n{logs.rstrip()}"
         return replace(base, executed=True, result=("ok" if ok else "failed") + (f": {msg}" if msg else "")), detail
 
-    def _alert(self, decision: Decision, details: dict[str, list[str]]) -> list[Action]:
+    def _alert(self, decision: Decision, details: dict[str, list[str]]) -> list:
+        """The messages of this tick (the pipeline's inhibit, silence, dedup and flap stages ran in
+        the core; repeat runs here)."""
         from supervisor.notify import message_for
 
-        actions: list[Action] = []
+        msgs = []
         told = {tr.state.hostname for tr in decision.transitions}
         updates = []
         for host, done in details.items():
@@ -262,8 +318,12 @@ class Supervisor:
                        and st.rule in ("worker_lost", "worker_unresponsive")), None)
             if st is not None and st.key in self.core.book.notified:
                 updates.append((Transition(st.key, "firing", "firing", st), "\n".join(done)))
+        every = self.cfg.notify.repeat_every
+        for tr in self.core.book.due_repeats(decision.now, every, muted=self.core.silenced):
+            if tr.state.hostname not in details:
+                updates.append((tr, f"still firing; a reminder every {fd(every)} (notify.repeat_every)"))
         for tr, text in updates:
-            actions += self._deliver(message_for(tr, text, update=True))
+            msgs.append(message_for(tr, text, update=True))
         for tr in decision.transitions:
             extra = list(details.get(tr.state.hostname or "", []))
             if tr.new == "firing" and not extra and tr.state.hostname:
@@ -272,16 +332,45 @@ class Supervisor:
                     extra.append(f"no restart now: {note}")
             if tr.new == "resolved" and tr.state.fired_at is not None:
                 extra.append(f"resolved after {fd(decision.now - tr.state.fired_at)}")
-            actions += self._deliver(message_for(tr, "\n".join(extra)))
-        return actions
+            msgs.append(message_for(tr, "\n".join(extra)))
+        return msgs
 
-    def _deliver(self, msg) -> list[Action]:
+    def _dispatch(self, msgs: list) -> list[Action]:
+        """Accept the tick's messages (outbox rows + the core's memory, one transaction), then
+        deliver them. A dry run or a standby sends nothing."""
         from supervisor.notify import routes
 
-        if not self.dry_run:
-            return self.notifier.send(msg)
-        return [Action("alert", msg.group, ch.name, msg.title, hostname=msg.hostname, severity=msg.severity,
-                       result="dry run: not sent") for ch in routes(msg, self.cfg.notify.channels)]
+        if self.dry_run or not self.acting():
+            why = "dry run: not sent" if self.dry_run else "standby: not sent"
+            if not self.dry_run:
+                self._unsent.update(m.key for m in msgs if m.key and m.kind == "firing")
+                self._unsent.difference_update(m.key for m in msgs if m.kind == "resolved")
+            if self.state is not None and not self.dry_run:
+                self.state.save({"core": self.core.to_json()})
+            return [Action("alert", m.group, ch.name, m.title, hostname=m.hostname, severity=m.severity, result=why)
+                    for m in msgs for ch in routes(m, self.cfg.notify.channels)]
+        if self.outbox is None:
+            return [a for m in msgs for a in self.notifier.send(m)]
+        msgs, rows = self.outbox.accept(msgs)
+        self.state.save({"core": self.core.to_json()}, rows)
+        crash_point("accepted" if msgs else "saved")
+        return [a for m in msgs for a in self.outbox.send(m)]
+
+    def _load_state(self, now: float) -> list:
+        """Restart history (``supervisor reset`` may have cleared some) and active silences."""
+        if self.state is None:
+            return []
+        windows = [g.restart.window for g in self.cfg.groups if g.restart is not None]
+        self.core.policy.history = self.state.history(now - max(windows, default=0.0))
+        return self.state.silences(now)
+
+    def _save_status(self, report: TickReport) -> None:
+        if self.state is None or self.dry_run:
+            return
+        try:
+            self.state.save({"status": report_json(report, self.cfg)})
+        except Exception as e:  # status is for people: never fail the tick for it
+            log.warning("could not save the status document: %s", redact.scrub(e))
 
     def _log(self, r: TickReport) -> None:
         d = r.decision
@@ -318,6 +407,36 @@ class Supervisor:
             if since is not None:
                 time.sleep(max(0.0, listen - (self.clock() - since)))
         return self.tick(broker_error=err)
+
+
+def open_state(cfg: Config, readonly: bool = False):
+    """The StateStore at loop.state_path (read-only for a dry run: None when there is none yet)."""
+    from supervisor.state import StateStore
+
+    path = cfg.loop.state_path
+    if readonly and not path.exists():
+        return None
+    if readonly:  # a dry run plans without the state it cannot read (and says why)
+        from supervisor.state import StateError
+
+        try:
+            return StateStore(path, readonly=True)
+        except StateError as e:
+            log.warning("%s: planning without it", e)
+            return None
+    return StateStore(path)
+
+
+def crash_point(name: str) -> None:
+    """Fault injection for the crash tests: SIGKILL this process at a named point of the tick when
+    SUPERVISOR_CRASH_AT names it (``accepted``: alerts accepted into the outbox, none sent yet)."""
+    import os
+
+    if os.environ.get("SUPERVISOR_CRASH_AT") == name:
+        import signal
+
+        log.warning("SUPERVISOR_CRASH_AT=%s: killing myself (a test of crash recovery)", name)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ------------------------------------------------------------ JSON document of `once --json` / status

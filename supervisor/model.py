@@ -148,6 +148,7 @@ class Transition:
     old: str | None  # None, pending, firing
     new: str  # firing | resolved
     state: RuleState
+    flapping: bool = False  # fired again and again: this is the last page until it is stable
 
 
 @dataclass(frozen=True)

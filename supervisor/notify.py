@@ -54,6 +54,14 @@ class Message:
     key: str = ""  # the rule state key (rule:subject); messages of one key are delivered in order
     group: str | None = None
     hostname: str | None = None
+    id: str = ""  # the outbox's id of this message (supervisor.state), "" when not kept there
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> Message:
+        return cls(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}})
 
 
 def iso_utc(ts: float | None) -> str:
@@ -95,10 +103,18 @@ def message_for(transition: Transition, detail: str = "", now: float | None = No
         title = f"[RESOLVED] {st.rule} {st.subject}{where}"
     elif update:  # no state change, but the supervisor did something about it (a later restart)
         title = f"[STILL FIRING {st.severity}] {st.rule} {st.subject}{where}"
+    elif transition.flapping:
+        title = f"[FLAPPING {st.severity}] {st.rule} {st.subject}{where}"
     else:
         title = f"[FIRING {st.severity}] {st.rule} {st.subject}{where}"
 
     lines = [f"Resolved: {st.summary}" if resolved else st.summary, ""]
+    if transition.flapping:
+        from supervisor.rules import FLAP_COUNT, FLAP_WINDOW
+
+        lines[1:1] = [f"This fired {FLAP_COUNT} times within {format_duration(FLAP_WINDOW)}: it is flapping. "
+                      f"No more pages for it until it has been stable for {format_duration(FLAP_WINDOW)} "
+                      "(then one RESOLVED if it is clear); `supervisor status` shows it meanwhile.", ""]
     lines.append(f"rule:        {st.rule}")
     lines.append(f"subject:     {st.subject}")
     lines.append(f"severity:    {st.severity}")
@@ -333,10 +349,10 @@ class Notifier:
         """Channels that cannot deliver (invalid URL): name -> reason."""
         return {n: ch.error for n, ch in self._channels.items() if ch.error}
 
-    def send(self, msg: Message) -> list[Action]:
-        """Queue ``msg`` for every channel that takes its severity; returns at once, one Action per
-        channel (result "queued", or why the channel cannot take it). A resolved message goes
-        nowhere when ``notify.send_resolved`` is false."""
+    def send(self, msg: Message, only: str | None = None) -> list[Action]:
+        """Queue ``msg`` for every channel that takes its severity (``only``: just that channel, an
+        outbox retry); returns at once, one Action per channel (result "queued", or why the channel
+        cannot take it). A resolved message goes nowhere when ``notify.send_resolved`` is false."""
         if msg.kind not in KINDS:
             raise ValueError(f"unknown message kind {msg.kind!r}: use one of {', '.join(KINDS)}")
         if msg.kind == "resolved" and not self.cfg.send_resolved:
@@ -345,6 +361,8 @@ class Notifier:
         actions: list[Action] = []
         dropped: list[tuple[_Channel, _Item]] = []
         targets = routes(msg, (ch.cfg for ch in self._channels.values()))
+        if only is not None:
+            targets = [c for c in targets if c.name == only]
         with self._cond:
             for c in targets:
                 ch = self._channels[c.name]

@@ -277,21 +277,35 @@ def worst(findings: list[Finding]) -> str:
 
 
 # ---------------------------------------------------------------- pending -> firing -> resolved
+FLAP_WINDOW = 1800.0  # a finding announced FLAP_COUNT times within this window is flapping
+FLAP_COUNT = 3
+
+
 class RuleBook:
     """Alertmanager-like state per finding key. ``advance`` is fed the findings that hold now and
-    returns what people must be told: firing (after `hold`), escalation, resolved."""
+    returns what people must be told: firing (after `hold`), escalation, resolved.
+
+    Stages it owns: dedup (``notified``: a firing is announced once per severity), flap damping (a
+    finding announced FLAP_COUNT times within FLAP_WINDOW is announced once more as flapping, then
+    not again until it has been stable for FLAP_WINDOW; if it is clear by then, one RESOLVED), and
+    the repeat ledger (``last_sent``, for ``notify.repeat_every``). Inhibition and silences come in
+    as ``muted``."""
 
     def __init__(self, states: dict[str, RuleState] | None = None, notified: dict[str, str] | None = None):
         self.states: dict[str, RuleState] = dict(states or {})
         # key -> the highest severity announced as firing (a resolve goes where the firing went)
         self.notified: dict[str, str] = dict(notified or {})
+        self.last_sent: dict[str, float] = {}  # key -> when its firing was last told (repeat_every)
+        self.fired: dict[str, list[float]] = {}  # key -> when it was announced firing (flap window)
+        self.flapping: dict[str, float] = {}  # key -> since when it is flapping (told no more)
+        self.flap_last: dict[str, RuleState] = {}  # key -> its state when it last cleared while flapping
 
     def advance(
         self, findings: list[Finding], now: float, muted: set[str] = frozenset(), frozen=lambda st: False
     ) -> list[Transition]:
-        """``muted``: keys not to announce now (inhibited); announced once the mute lifts if still firing.
-        ``frozen(state)``: true for a state whose condition cannot be evaluated now (broker down, a
-        worker not judgeable): it is kept as it is instead of being resolved."""
+        """``muted``: keys not to announce now (inhibited, silenced); announced once the mute lifts if
+        still firing. ``frozen(state)``: true for a state whose condition cannot be evaluated now
+        (broker down, a worker not judgeable): it is kept as it is instead of being resolved."""
         out: list[Transition] = []
         current = {f.key: f for f in findings}
         for key, f in current.items():
@@ -302,19 +316,85 @@ class RuleBook:
             if st.state == "pending" and now - st.since >= f.hold:
                 st = replace(st, state="firing", fired_at=now)
             self.states[key] = st
+            self.flap_last.pop(key, None)
             announced = self.notified.get(key)
             # only a severity above what was already announced pages again (a value hovering
             # around a threshold does not page on every crossing)
             escalated = announced is not None and SEVERITY_RANK[f.severity] > SEVERITY_RANK[announced]
             if st.state == "firing" and key not in muted and (announced is None or escalated):
-                out.append(Transition(key, "pending" if announced is None else "firing", "firing", st))
                 self.notified[key] = f.severity
+                if announced is None:
+                    recent = [t for t in self.fired.get(key, []) if now - t < FLAP_WINDOW] + [now]
+                    self.fired[key] = recent
+                    if key in self.flapping:
+                        continue  # flapping: told once already
+                    if len(recent) >= FLAP_COUNT:
+                        self.flapping[key] = now
+                        self.last_sent[key] = now
+                        out.append(Transition(key, "pending", "firing", st, flapping=True))
+                        continue
+                self.last_sent[key] = now
+                out.append(Transition(key, "pending" if announced is None else "firing", "firing", st))
         for key in [k for k in self.states if k not in current]:
             if frozen(self.states[key]):
                 continue
             st = self.states.pop(key)
+            if key in self.flapping and key in self.notified:
+                self.flap_last[key] = replace(st, state="resolved", resolved_at=now, severity=self.notified[key])
+                continue  # said once it flaps: the RESOLVED waits until it is stable
             announced = self.notified.pop(key, None)
+            self.last_sent.pop(key, None)
             if announced is not None:
                 out.append(Transition(key, "firing", "resolved",
                                       replace(st, state="resolved", resolved_at=now, severity=announced)))
+        for key, since in list(self.flapping.items()):
+            last = max(self.fired.get(key, [since]))
+            if now - last < FLAP_WINDOW:
+                continue
+            del self.flapping[key]  # stable for a whole window
+            if key not in self.states:
+                last_st = self.flap_last.pop(key, None)
+                announced = self.notified.pop(key, None)
+                self.last_sent.pop(key, None)
+                if announced is not None and last_st is not None:
+                    out.append(Transition(key, "firing", "resolved", last_st))
+        for key in [k for k, ts in self.fired.items() if now - ts[-1] >= FLAP_WINDOW and k not in self.flapping]:
+            del self.fired[key]
         return out
+
+    def due_repeats(self, now: float, every: float, muted: set[str] = frozenset()) -> list[Transition]:
+        """Firing findings announced ``every`` seconds ago or more and still firing: remind people
+        (``notify.repeat_every``; 0 = never). Marks them as sent now."""
+        if every <= 0:
+            return []
+        out = []
+        for key in list(self.notified):
+            st = self.states.get(key)
+            if st is None or st.state != "firing" or key in muted or key in self.flapping:
+                continue
+            if now - self.last_sent.get(key, now) >= every:
+                self.last_sent[key] = now
+                out.append(Transition(key, "firing", "firing", st))
+        return out
+
+    # ---- durable form (supervisor.state keeps it between runs)
+    def to_json(self) -> dict:
+        from dataclasses import asdict
+
+        return {
+            "states": {k: asdict(v) for k, v in self.states.items()},
+            "notified": self.notified,
+            "last_sent": self.last_sent,
+            "fired": self.fired,
+            "flapping": self.flapping,
+            "flap_last": {k: asdict(v) for k, v in self.flap_last.items()},
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> RuleBook:
+        book = cls({k: RuleState(**v) for k, v in d.get("states", {}).items()}, d.get("notified", {}))
+        book.last_sent = {k: float(v) for k, v in d.get("last_sent", {}).items()}
+        book.fired = {k: [float(t) for t in v] for k, v in d.get("fired", {}).items()}
+        book.flapping = {k: float(v) for k, v in d.get("flapping", {}).items()}
+        book.flap_last = {k: RuleState(**v) for k, v in d.get("flap_last", {}).items()}
+        return book

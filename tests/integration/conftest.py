@@ -2,7 +2,33 @@ import pytest
 
 from supervisor.config import BrokerConfig
 from tests.support.brokers import delete_rabbitmq_queues
-from tests.support.workers import Worker
+from tests.support.catchers import HttpCatcher
+from tests.support.fleet import Fleet
+from tests.support.workers import Worker, celery_app
+
+
+@pytest.fixture
+def catcher():
+    """A local HTTP server recording the alerts Apprise posts to it (json:// channels)."""
+    with HttpCatcher() as c:
+        yield c
+
+
+@pytest.fixture
+def fleets():
+    """`Fleet`s a test made: their supervisor and workers are stopped afterwards (last made first)."""
+    made: list[Fleet] = []
+    yield made
+    for f in reversed(made):
+        f.cleanup()
+
+
+@pytest.fixture
+def app(redis_url):
+    """A Celery app on the test's Redis db, to ping workers and send tasks."""
+    a = celery_app(redis_url)
+    yield a
+    a.close()
 
 
 @pytest.fixture

@@ -13,20 +13,6 @@ from tests.support.fleet import Fleet, local_restart, pid_alive, wait_until
 from tests.support.workers import celery_app, wait_ping
 
 
-@pytest.fixture
-def catcher():
-    with HttpCatcher() as c:
-        yield c
-
-
-@pytest.fixture
-def fleets():
-    made: list[Fleet] = []
-    yield made
-    for f in made:
-        f.cleanup()
-
-
 def titles(catcher: HttpCatcher) -> list[str]:
     return [r.json["title"] for r in catcher.received() if r.json]
 

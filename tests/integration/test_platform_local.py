@@ -20,7 +20,7 @@ import pytest
 
 from platforms.local import MARKER, Adapter, target_id
 from supervisor.config import parse_config
-from tests.support.workers import APP_DIR, Worker, celery_app, wait_ping, worker_command, worker_env
+from tests.support.workers import APP_DIR, Worker, wait_ping, worker_command, worker_env
 
 pytestmark = pytest.mark.redis
 PY = shlex.quote(sys.executable)
@@ -162,12 +162,6 @@ def env(redis_url, uid, tmp_path, request):
     for a in made:
         a.close()
 
-
-@pytest.fixture
-def app(redis_url):
-    a = celery_app(redis_url)
-    yield a
-    a.close()
 
 
 def state_of(a: Adapter, group, hostname: str):

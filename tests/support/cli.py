@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,7 +79,8 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60.0
     runs longer than ``timeout``: the process group is killed first."""
     t0 = time.monotonic()
     proc = subprocess.Popen(
-        cli_argv(*args), env=env if env is not None else cli_env(), cwd=str(cwd or REPO),
+        # by default a fresh directory: a config's relative loop.state_path must not be shared by tests
+        cli_argv(*args), env=env if env is not None else cli_env(), cwd=str(cwd or tempfile.mkdtemp(prefix="sv-cli-")),
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
     )

@@ -84,11 +84,12 @@ class Fleet:
         return pid
 
     # ---- the supervisor
-    def run(self, *extra: str) -> Fleet:
+    def run(self, *extra: str, env: dict[str, str] | None = None) -> Fleet:
         self.log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "supervisor", "run", "-c", str(self.path), "--log-level", "DEBUG", *extra],
             stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            env={**os.environ, **(env or {})},
         )
         return self
 

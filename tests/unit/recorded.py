@@ -146,13 +146,13 @@ class Fleet:
             one_shot=self.one_shot,
         )
 
-    def tick(self, now: float, ok: bool = True, execute: bool = True) -> Decision:
+    def tick(self, now: float, ok: bool = True, execute: bool = True, silenced=None) -> Decision:
         obs = self.observation(now)
         suspects = frozenset(self.core.suspects(obs))
         answering = {h for h, s in self.status.items() if s in ("up", "quiet")}
         pongs = frozenset(suspects & answering) if self.broker_ok else frozenset()
         self.pinged.append(suspects)
-        d = self.core.decide(replace(obs, pinged=suspects, pongs=pongs))
+        d = self.core.decide(replace(obs, pinged=suspects, pongs=pongs), silenced=silenced)
         if execute:
             for p in d.plans:
                 if not p.blocked:  # the shell never executes a blocked plan

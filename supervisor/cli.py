@@ -153,7 +153,15 @@ def _one_pass(cfg, dry_run: bool, flush: float, on_error: str | None = None, sta
     """One `once` pass. A plugin-style command answers UNKNOWN (3) on an internal error, never a
     traceback and exit 1 (which Nagios would read as WARNING)."""
     from supervisor.loop import Supervisor
+    from supervisor.state import StateError, run_lock
 
+    held = None
+    if state == "open" and not dry_run:
+        try:  # one acting supervisor per state file: a running daemon owns it
+            held = run_lock(cfg.loop.state_path)
+        except StateError as e:
+            click.echo(f"{e}\nthis pass only plans (as --dry-run): the daemon acts", err=True)
+            dry_run = True
     try:
         # `once` keeps its restarts, announced alerts and outbox in the state file like the daemon
         # (a cron job does not re-page nor refill budgets); a dry run only reads it; nagios has none
@@ -174,6 +182,8 @@ def _one_pass(cfg, dry_run: bool, flush: float, on_error: str | None = None, sta
             if lease is not None:
                 lease.stop(release=True)
             sup.close(flush=flush)
+            if held is not None:
+                held.close()
     except Exception as e:
         logging.getLogger("supervisor").error("internal error: %s", redact.scrub(e), exc_info=True)
         if on_error:

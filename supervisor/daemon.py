@@ -18,6 +18,7 @@ one (none after a cycle that raised), ``STATUS=`` a one-line summary each cycle.
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import threading
 import time
@@ -30,6 +31,7 @@ from supervisor.sdnotify import SdNotify
 log = logging.getLogger("supervisor")
 FAILURES_LOUD = 3  # cycles failing in a row before an ERROR says that the watchdog is no longer fed
 EXIT_START = 2  # the daemon could not start (an HTTP port in use, ...)
+TICK_LIMIT = 900.0  # a cycle running longer than this is wedged: the watchdog is no longer fed
 
 
 class Daemon:
@@ -46,10 +48,15 @@ class Daemon:
         self.config_path = config_path  # what SIGHUP re-reads (None: no reload)
         self.sd = SdNotify()  # reads and unsets $NOTIFY_SOCKET before any child process is started
         supervisor_kwargs.setdefault("state", "open")  # durable state at loop.state_path
+        self.store = None
         if supervisor_kwargs["state"] == "open":
+            from supervisor.loop import open_state
             from supervisor.state import run_lock
 
             self._run_lock = run_lock(cfg.loop.state_path)  # StateError: another daemon uses this file
+            # the daemon owns the store: a reload's new Supervisor shares it with the old one, whose
+            # alerts still in flight settle their outbox rows on it
+            self.store = supervisor_kwargs["state"] = open_state(cfg)
         self.sup = Supervisor(cfg, **supervisor_kwargs)
         from supervisor.lease import make_lease
 
@@ -69,6 +76,7 @@ class Daemon:
         self.ready_sent = False
         self.last_report = None  # the last completed tick's report (kept across reloads)
         self.last_completed: float | None = None  # time.monotonic() when it completed
+        self.tick_started: float | None = None  # time.monotonic() when the cycle in flight began
         self.status_text = "starting"
         self.metrics = None  # supervisor.metrics.Metrics, with http.listen (prometheus_client is lazy)
         self.http = None
@@ -82,12 +90,25 @@ class Daemon:
             if self.stopping.is_set():
                 return
             sup = self.sup
+            self.tick_started = time.monotonic()
             try:
                 report = sup.tick()
             except Exception as e:  # the loop must survive anything one tick meets
                 self._tick_failed(e)
                 return
+            finally:
+                self.tick_started = None
             self._tick_done(report, sup)
+
+    def _keepalive(self) -> None:
+        """While one cycle waits on a slow platform (a restart lets the old worker stop for up to
+        stop_timeout, and systemd's own TimeoutStopSec may be minutes), keep systemd's watchdog fed,
+        up to TICK_LIMIT: a cycle stuck longer than that is wedged, and the watchdog restarts us."""
+        period = self.sd.watchdog_usec / 3e6
+        while not self.stopping.wait(period):
+            started = self.tick_started
+            if started is not None and period < time.monotonic() - started < TICK_LIMIT:
+                self.sd.watchdog(f"cycle in progress for {fd(time.monotonic() - started)}: {self.status_text}")
 
     def _tick_failed(self, e: Exception) -> None:
         """No WATCHDOG=1: a loop that keeps failing (or hangs) is restarted by systemd's watchdog."""
@@ -141,6 +162,8 @@ class Daemon:
                      self.lease.where(), fd(self.lease.ttl))
         if cfg.http.listen:  # HttpError (port in use, ...): run_daemon exits 2 naming http.listen
             self.http = self._http_server(cfg.http.listen).start()
+        if self.sd.watchdog_enabled:
+            threading.Thread(target=self._keepalive, name="watchdog-keepalive", daemon=True).start()
         if self.sd.watchdog_usec is not None and cfg.loop.interval > self.sd.watchdog_usec / 2e6:
             log.warning("loop.interval %s is more than half the systemd watchdog (WatchdogSec=%s): a "
                         "healthy supervisor may be restarted; raise WatchdogSec", fd(cfg.loop.interval),
@@ -166,6 +189,8 @@ class Daemon:
         if self.lease is not None:  # after the last tick: a clean stop hands over at once
             self.lease.stop(release=True)
         self.sup.close(flush=3.0)
+        if self.store is not None:
+            self.store.close()
         self.sd.close()
         log.info("stopped")
 
@@ -259,6 +284,9 @@ class Daemon:
             new = Supervisor(new_cfg, **self._sup_kwargs)
             new.lease = self.lease
             new._unsent = set(old._unsent)  # ha: what a standby did not page is paged if it takes over
+            if old.outbox is not None and new.outbox is not None:
+                # alerts the old notifier still delivers are not sent a second time by the new one
+                new.outbox.share_queued(old.outbox)
             new.last_report = old.last_report
             if self.metrics is not None:
                 self.metrics.chain_on_done(new.notifier)
@@ -314,6 +342,9 @@ def status_line(report, sup) -> str:
     return redact.scrub(f"cycle {sup.ticks}: {head}{role}")
 
 
+_SECRET_KEY = re.compile(r"\.env\.|pass|pwd|token|secret|key|credential|auth|dsn|private|cookie", re.I)
+
+
 def config_changes(old: Config, new: Config, limit: int = 12) -> list[str]:
     """What a reload changes, one item per setting ("loop.interval: 1.0 -> 2.0", "groups[g2] added",
     "groups[g].min_workers: 1 -> 2"); secret values are never shown."""
@@ -321,7 +352,15 @@ def config_changes(old: Config, new: Config, limit: int = 12) -> list[str]:
     b, ib = _flat(new.model_dump(by_alias=True))
     out = [f"{k} removed" for k in ia if k not in ib] + [f"{k} added" for k in ib if k not in ia]
     gone = tuple(f"{k}." for k in set(ia) ^ set(ib))
+    # a section that went from null to set (or back) is one change, not one per key inside it
+    sections = {k for k in a if a[k] is None and any(x.startswith(f"{k}.") for x in b)}
+    sections |= {k for k in b if b[k] is None and any(x.startswith(f"{k}.") for x in a)}
+    for k in sorted(sections):
+        out.append(f"{k} {'set' if a.get(k) is None else 'unset'}")
+    inside = tuple(f"{k}." for k in sections)
     for k in list(a) + [k for k in b if k not in a]:
+        if k in sections or k.startswith(inside):
+            continue
         if k.startswith(gone) or any(i.startswith(f"{k}[") for i in (*ia, *ib)):
             continue  # inside an item added or removed; or a named list, empty on one side
         if k not in b:
@@ -329,7 +368,10 @@ def config_changes(old: Config, new: Config, limit: int = 12) -> list[str]:
         elif k not in a:
             out.append(f"{k} added")
         elif a[k] != b[k]:
-            out.append(f"{k}: {_show(a[k])} -> {_show(b[k])}")
+            if _SECRET_KEY.search(k):  # an environment variable, a password: say it changed, not to what
+                out.append(f"{k} changed")
+            else:
+                out.append(f"{k}: {_show(a[k])} -> {_show(b[k])}")
     if len(out) > limit:
         out = out[:limit] + [f"and {len(out) - limit} more"]
     return out

@@ -144,6 +144,7 @@ class Core:
 
     def _frozen(self, obs: Observation, verdicts: list[WorkerVerdict]):
         unknown_hosts = {v.hostname for v in verdicts if v.status == "unknown"}
+        judged = {v.hostname for v in verdicts}
         unknown_groups = {v.group for v in verdicts if v.status == "unknown"}
 
         unreadable = {q.name for q in self.cfg.queues if obs.queues.get(q.name) is None
@@ -161,7 +162,10 @@ class Core:
             if st.rule == "queue_consumers":
                 return st.subject in unreadable or st.subject in uncounted
             if st.rule in WORKER_RULES:
-                return st.hostname in unknown_hosts
+                # not judged this tick (e.g. a glob-matched worker that died before this supervisor
+                # restarted: never heard since): still lost, not resolved
+                return st.hostname in unknown_hosts or (
+                    st.hostname not in judged and self.cfg.group_of(st.hostname or "") is not None)
             if st.rule == "group_below_min":
                 return st.group in unknown_groups or st.group in uncountable
             return False
@@ -170,6 +174,21 @@ class Core:
 
     def record_restart(self, plan: policy.RestartPlan, at: float, ok: bool) -> None:
         policy.record(self.policy, plan, at, ok)
+
+    def not_executed(self, plan: policy.RestartPlan) -> None:
+        """The shell did not execute a plan (standby, platform error): a canary that was never
+        restarted must not turn its group systemic; the next tick chooses again."""
+        mode = self.policy.groups.get(plan.group)
+        if plan.canary and mode is not None and mode.mode == "canary" and mode.canary == plan.hostname:
+            mode.canary = None
+
+    def remembered_hostnames(self, group: str) -> set[str]:
+        """Hostnames of the group this core still holds alerts or a restart for (to be looked up on
+        the platform even when not heard since a restart of the supervisor)."""
+        out = {st.hostname for st in self.book.states.values()
+               if st.group == group and st.rule in WORKER_RULES and st.hostname}
+        out |= {h for h in self.policy.restarted if (g := self.cfg.group_of(h)) is not None and g.name == group}
+        return out
 
     def budget(self, group_name: str, target_id: str, now: float) -> policy.Budget | None:
         g = self.cfg.group(group_name)

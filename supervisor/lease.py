@@ -106,7 +106,11 @@ class Lease:
         return self.token is not None and self.clock() < self.valid_until
 
     def may_alert(self) -> bool:
-        return self.is_leader() or (self._blind_leader and self.store_error is not None)
+        """The leader alerts. When the store is the broker itself (a Redis lease), the last leader
+        keeps alerting while the store is unreachable: somebody must say the broker is down, and every
+        other finding is frozen meanwhile. A Kubernetes Lease has no such excuse: a replica cut off from
+        the API server while the broker works would page beside the new leader."""
+        return self.is_leader() or (self.kind == "redis" and self._blind_leader and self.store_error is not None)
 
     @property
     def role(self) -> str:

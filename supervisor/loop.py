@@ -76,7 +76,9 @@ class Supervisor:
         self.state = state
         self.outbox = None
         if state is not None:
-            self.core.restore(state.load_memory().get("core", {}))
+            memory = state.load_memory()
+            self.core.restore(memory.get("core", {}))
+            unsent = set(memory.get("unsent") or ())  # ha: a standby's unpaged alerts, across restarts
             if not dry_run:
                 from supervisor.outbox import Outbox
 
@@ -86,11 +88,13 @@ class Supervisor:
         self._lock = threading.Lock()  # one tick at a time
         self.last_report: TickReport | None = None
         self.ticks = 0
+        self._pruned_at = 0.0
         # ha: the leader lease (supervisor.lease), None = act alone. Only a leader restarts and alerts:
         # ``lease.is_leader()`` is a local check (no I/O), ``lease.confirm()`` asks the lease store
         # that our fencing token is still the current one, just before a restart.
         self.lease = None
-        self._unsent: set[str] = set()  # keys a standby did not page: paged again if it takes over
+        # keys a standby did not page: paged again if it takes over (kept in the state file)
+        self._unsent: set[str] = unsent if state is not None else set()
 
     def acting(self, confirm: bool = False) -> bool:
         """May this replica act now? (always, without a lease)"""
@@ -167,7 +171,8 @@ class Supervisor:
         for g in cfg.groups:
             if g.restart is None:
                 continue
-            known = sorted({h for h in workers if cfg.group_of(h) is g} | set(g.workers))
+            known = sorted({h for h in workers if cfg.group_of(h) is g} | set(g.workers)
+                           | self.core.remembered_hostnames(g.name))
             targets[g.name], e = self._inventory(g, known)
             if e:
                 perrs[g.name] = e
@@ -230,17 +235,26 @@ class Supervisor:
                 for key in self._unsent:
                     self.core.book.notified.pop(key, None)
                 self._unsent.clear()
-            decision = self.core.decide(obs, silenced=lambda f: any(
-                s.covers(f.group, f.hostname, f.subject) for s in silences))
-            report = TickReport(obs, decision, platform_errors=dict(obs.platform_errors))
-            details: dict[str, list[str]] = {}
-            for plan in decision.plans:
-                action, detail = self._restart(plan, decision, obs)
-                report.actions.append(action)
-                details.setdefault(plan.hostname, []).append(detail)
-            report.actions += self._dispatch(self._alert(decision, details))
+            # what the core announced is only kept once the tick's alerts are accepted into the
+            # outbox: if anything fails before that, the core forgets this tick's announcements
+            snap = self.core.to_json() if self.state is not None else None
+            try:
+                decision = self.core.decide(obs, silenced=lambda f: any(
+                    s.covers(f.group, f.hostname, f.subject) for s in silences))
+                report = TickReport(obs, decision, platform_errors=dict(obs.platform_errors))
+                details: dict[str, list[str]] = {}
+                for plan in decision.plans:
+                    action, detail = self._restart(plan, decision, obs)
+                    report.actions.append(action)
+                    details.setdefault(plan.hostname, []).append(detail)
+                report.actions += self._dispatch(self._alert(decision, details))
+            except Exception:
+                if snap is not None:
+                    self.core.restore(snap)
+                raise
             if self.outbox is not None:
                 self.outbox.retry_due()
+            self._housekeeping(obs.now)
             report.notes = dict(self.core.policy.notes)
             report.duration = time.monotonic() - t0
             self.ticks += 1
@@ -267,14 +281,19 @@ class Supervisor:
             command = adapter.describe(target)
         except Exception as e:
             msg = redact.scrub(e)
+            self.core.not_executed(plan)
             return replace(base, result=f"cannot restart: {msg}"), f"could not restart through {kind}: {msg}"
         base = replace(base, target=target.id, command=command)
+        # only a leader whose fencing token the lease store confirms right now restarts
+        standby = not plan.blocked and not self.dry_run and not self.acting(confirm=True)
+        if plan.blocked or self.dry_run or standby:
+            self.core.not_executed(plan)
         if plan.blocked:
             return (replace(base, result=f"not executed: {plan.blocked}"),
                     f"cannot restart now ({plan.blocked}); by hand: {command}")
         if self.dry_run:
             return replace(base, result="dry run: not executed"), f"would restart through {kind}: {command}"
-        if not self.acting(confirm=True):
+        if standby:
             return (replace(base, result="not executed: standby (another replica holds the lease)"),
                     f"standby: the leader restarts ({command})")
         logs = ""
@@ -316,7 +335,7 @@ class Supervisor:
             # a restart without a state change (the 2nd in the window, a failed one): say it anyway
             st = next((st for st in decision.states.values() if st.hostname == host and st.state == "firing"
                        and st.rule in ("worker_lost", "worker_unresponsive")), None)
-            if st is not None and st.key in self.core.book.notified:
+            if st is not None and st.key in self.core.book.notified and st.key not in self.core.silenced:
                 updates.append((Transition(st.key, "firing", "firing", st), "\n".join(done)))
         every = self.cfg.notify.repeat_every
         for tr in self.core.book.due_repeats(decision.now, every, muted=self.core.silenced):
@@ -346,13 +365,13 @@ class Supervisor:
                 self._unsent.update(m.key for m in msgs if m.key and m.kind == "firing")
                 self._unsent.difference_update(m.key for m in msgs if m.kind == "resolved")
             if self.state is not None and not self.dry_run:
-                self.state.save({"core": self.core.to_json()})
+                self.state.save({"core": self.core.to_json(), "unsent": sorted(self._unsent)})
             return [Action("alert", m.group, ch.name, m.title, hostname=m.hostname, severity=m.severity, result=why)
                     for m in msgs for ch in routes(m, self.cfg.notify.channels)]
         if self.outbox is None:
             return [a for m in msgs for a in self.notifier.send(m)]
         msgs, rows = self.outbox.accept(msgs)
-        self.state.save({"core": self.core.to_json()}, rows)
+        self.state.save({"core": self.core.to_json(), "unsent": sorted(self._unsent)}, rows)
         crash_point("accepted" if msgs else "saved")
         return [a for m in msgs for a in self.outbox.send(m)]
 
@@ -363,6 +382,16 @@ class Supervisor:
         windows = [g.restart.window for g in self.cfg.groups if g.restart is not None]
         self.core.policy.history = self.state.history(now - max(windows, default=0.0))
         return self.state.silences(now)
+
+    def _housekeeping(self, now: float) -> None:
+        """Once an hour: old restart rows, delivered alerts and expired silences leave the state file."""
+        if self.state is None or self.dry_run or now - self._pruned_at < 3600:
+            return
+        self._pruned_at = now
+        try:
+            self.state.prune()
+        except Exception as e:  # housekeeping never fails a tick
+            log.warning("could not prune the state file: %s", redact.scrub(e))
 
     def _save_status(self, report: TickReport) -> None:
         if self.state is None or self.dry_run:

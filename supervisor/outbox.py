@@ -39,6 +39,11 @@ class Outbox:
         self._chained = notifier.on_done
         notifier.on_done = self._on_done
 
+    def share_queued(self, other: Outbox) -> None:
+        """Take over another Outbox's record of what is in its notifier (a config reload)."""
+        self._queued = other._queued
+        self._lock = other._lock
+
     def accept(self, msgs: Iterable[Message]) -> tuple[list[Message], list[tuple[str, str, dict]]]:
         """Give each message an id; the outbox rows to write with the tick's memory."""
         out, rows = [], []

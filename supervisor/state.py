@@ -108,8 +108,10 @@ def _aside(path: Path, why: str, tag: str) -> Path:
 class StateStore:
     """One SQLite file. Thread-safe (one connection behind a lock); every method commits."""
 
-    def __init__(self, path: str | os.PathLike, clock=time.time, readonly: bool = False):
+    def __init__(self, path: str | os.PathLike, clock=time.time, readonly: bool = False,
+                 busy_timeout: float = BUSY_TIMEOUT_MS / 1000):
         self.path = Path(path)
+        self.busy_timeout = busy_timeout
         self.clock = clock
         self.readonly = readonly
         self.moved_aside: Path | None = None
@@ -119,12 +121,12 @@ class StateStore:
     # ------------------------------------------------------------ opening
     def _connect(self) -> sqlite3.Connection:
         if self.readonly:
-            db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000,
+            db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=self.busy_timeout,
                                  check_same_thread=False)
         else:
-            db = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False,
+            db = sqlite3.connect(str(self.path), timeout=self.busy_timeout, check_same_thread=False,
                                  isolation_level=None)
-        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
         return db
 
     def _check(self, db: sqlite3.Connection) -> str | None:
@@ -163,21 +165,19 @@ class StateStore:
             try:
                 db = self._connect()
                 problem = self._check(db) if self.path.exists() and self.path.stat().st_size else None
-            except sqlite3.DatabaseError as e:
-                problem = f"corrupt:is not a readable SQLite database ({e})"
-            if problem is None:
-                try:
+                if problem is None:
                     db.execute("PRAGMA journal_mode = WAL")
                     db.execute("PRAGMA synchronous = NORMAL")
                     db.executescript(_SCHEMA)
                     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                     return db
-                except sqlite3.OperationalError as e:
-                    if "readonly" in str(e) or "unable to open" in str(e):
-                        raise StateError(f"cannot write loop.state_path {self.path}: {e}") from None
-                    problem = f"corrupt:could not be set up ({e})"
-                except sqlite3.DatabaseError as e:
-                    problem = f"corrupt:is not a readable SQLite database ({e})"
+            except sqlite3.OperationalError as e:
+                # locked, busy, read-only, disk full, I/O error: the file may be fine; never move it
+                if db is not None:
+                    db.close()
+                raise StateError(f"cannot use loop.state_path {self.path}: {e}") from None
+            except sqlite3.DatabaseError as e:  # "file is not a database", "database disk image is malformed"
+                problem = f"corrupt:is not a readable SQLite database ({e})"
             if db is not None:
                 db.close()
             if attempt == 2:
@@ -391,9 +391,18 @@ class _Tx:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            self.db.execute("COMMIT")
-        else:
-            self.db.execute("ROLLBACK")
+            try:
+                self.db.execute("COMMIT")
+                return
+            except sqlite3.Error:
+                if self.db.in_transaction:  # never leave the connection wedged in a transaction
+                    self.db.execute("ROLLBACK")
+                raise
+        if self.db.in_transaction:
+            try:
+                self.db.execute("ROLLBACK")
+            except sqlite3.Error:  # the original error matters more
+                pass
 
 
 def new_msg_id() -> str:

@@ -13,7 +13,7 @@ import pytest
 from tests.support.catchers import HttpCatcher
 from tests.support.cli import run_cli
 from tests.support.fleet import Fleet, local_restart, wait_until
-from tests.support.workers import celery_app, wait_ping
+from tests.support.workers import wait_ping
 
 pytestmark = pytest.mark.redis
 
@@ -44,21 +44,12 @@ def status_json(f: Fleet) -> dict:
     return r.json
 
 
-def start(f: Fleet, hosts, redis_url):
-    for h in hosts:
-        f.start_worker(h)
-    app = celery_app(redis_url)
-    for h in hosts:
-        wait_ping(app, h)
-    return app
-
-
 def test_sigkill_mid_cycle_neither_loses_nor_repeats_the_alert_and_keeps_the_budget(
         redis_url, tmp_path, uid, catcher, fleets):
     host = f"celery@{uid}-a"
     f = make_fleet(tmp_path, redis_url, catcher, [host], uid)
     fleets.append(f)
-    app = start(f, [host], redis_url)
+    app = f.start_workers(host)
     # the supervisor kills itself right after accepting the tick's alerts into the outbox, before
     # sending any: the worst moment for "no lost alert"
     f.run(env={"SUPERVISOR_CRASH_AT": "accepted"})
@@ -94,7 +85,7 @@ def test_spent_budget_survives_a_restart_and_reset_refills_it(redis_url, tmp_pat
     host = f"celery@{uid}-b"
     f = make_fleet(tmp_path, redis_url, catcher, [host], uid, max_restarts=1, grace="5s")
     fleets.append(f)
-    app = start(f, [host], redis_url)
+    app = f.start_workers(host)
     f.run()
     time.sleep(3)
     f.kill(host)
@@ -126,7 +117,7 @@ def test_channel_returning_500_is_retried_from_the_outbox_until_it_recovers(
     host = f"celery@{uid}-c"
     f = make_fleet(tmp_path, redis_url, catcher, [host], uid)
     fleets.append(f)
-    start(f, [host], redis_url)
+    f.start_workers(host)
     f.run()
     time.sleep(3)
     # the notifier tries each message twice (retry: [200ms]); the outbox retries the rest, in order
@@ -148,7 +139,7 @@ def test_a_channel_hanging_60s_delays_no_cycle(redis_url, tmp_path, uid, catcher
     hosts = [f"celery@{uid}-d1", f"celery@{uid}-d2"]
     f = make_fleet(tmp_path, redis_url, catcher, hosts, uid, timeout="90s")
     fleets.append(f)
-    app = start(f, hosts, redis_url)
+    app = f.start_workers(*hosts)
     f.run()
     time.sleep(3)
     catcher.hang_next(60)
@@ -168,7 +159,7 @@ def test_silence_mutes_alerts_not_restarts_and_is_shown(redis_url, tmp_path, uid
     host = f"celery@{uid}-e"
     f = make_fleet(tmp_path, redis_url, catcher, [host], uid)
     fleets.append(f)
-    app = start(f, [host], redis_url)
+    app = f.start_workers(host)
     f.run()
     time.sleep(2)
     r = run_cli("silence", "-c", str(f.path), "g", "--for", "1h", "--reason", "planned maintenance")
@@ -184,6 +175,8 @@ def test_silence_mutes_alerts_not_restarts_and_is_shown(redis_url, tmp_path, uid
     assert [s["match"] for s in doc["silences"]] == ["g"] and doc["silences"][0]["reason"] == "planned maintenance"
     table = run_cli("status", "-c", str(f.path))
     assert "planned maintenance" in table.out and "SILENCES" in table.out, str(table)
+    once = run_cli("once", "-c", str(f.path), "--json")  # the daemon owns the state file: plan only
+    assert "only plans" in once.err and once.rc == 0, str(once)
     assert run_cli("silence", "-c", str(f.path), "g", "--remove").rc == 0
     assert status_json(f)["silences"] == []
     assert f.stop() == 0

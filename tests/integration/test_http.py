@@ -18,7 +18,7 @@ from supervisor.http import HttpError, HttpServer, healthz_bound, parse_listen
 from tests.support.brokers import RedisServer, free_port, need, redis_server_binary
 from tests.support.cli import run_cli, write_config
 from tests.support.fleet import Fleet, local_restart, pid_alive, wait_until
-from tests.support.workers import celery_app, wait_ping
+from tests.support.workers import wait_ping
 
 PASSWORD = "s3cret-Broker-pw-4711"
 TOKEN = "Tk9xQhookTokenZ42"  # a token in the Apprise URL's path
@@ -81,11 +81,7 @@ def test_metrics_status_and_healthz_of_a_real_fleet(pw_redis, tmp_path, uid, cat
         "ha": {"lease": "off"},
     })
     fleets.append(f)
-    for h in hosts:
-        f.start_worker(h)
-    app = celery_app(url)
-    for h in hosts:
-        wait_ping(app, h)
+    app = f.start_workers(*hosts)
     for i in range(7):  # nobody consumes this queue
         app.send_task("tasks.add", args=[i, i], queue=backlog)
     f.run()

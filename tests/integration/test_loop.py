@@ -33,11 +33,7 @@ def test_sigkilled_worker_is_restarted_once_and_comes_back(broker, request, tmp_
                     "restart": local_restart(url, queues=f"{uid}-q")}],
     })
     fleets.append(f)
-    for h in hosts:
-        f.start_worker(h)
-    app = celery_app(url)
-    for h in hosts:
-        wait_ping(app, h)
+    app = f.start_workers(*hosts)
     f.run()
     time.sleep(3)  # steady state: the supervisor hears both
     assert catcher.received() == [], titles(catcher)

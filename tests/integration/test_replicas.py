@@ -61,11 +61,7 @@ def test_two_replicas_restart_once_and_the_standby_takes_over(redis_url, tmp_pat
     b = Fleet(tmp_path / "b", config(redis_url, uid, catcher, hosts, run_dir=a.run_dir))
     fleets += [a, b]
     assert a.cfg.loop.state_path != b.cfg.loop.state_path
-    for h in hosts:
-        a.start_worker(h)
-    app = celery_app(redis_url)
-    for h in hosts:
-        wait_ping(app, h)
+    app = a.start_workers(*hosts)
 
     a.run()
     wait_until(lambda: "lease: leader now" in a.output(), 30, what="replica a to lead")

@@ -62,6 +62,18 @@ class Fleet:
         assert r.ok, r.message
         return self.pid(hostname)
 
+    def start_workers(self, *hostnames: str):
+        """Start workers through the local platform and wait until each answers ping; the Celery
+        app used to ping them (for the test's own pings and tasks)."""
+        from tests.support.workers import celery_app, wait_ping
+
+        for h in hostnames:
+            self.start_worker(h)
+        app = celery_app(self.cfg.broker.url.get_secret_value())
+        for h in hostnames:
+            wait_ping(app, h)
+        return app
+
     def pid(self, hostname: str) -> int | None:
         t = self.target(hostname)
         try:

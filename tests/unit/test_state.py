@@ -128,3 +128,17 @@ def test_replica_id_is_stable(tmp_path):
     s.close()
     assert StateStore(tmp_path / "s.db").replica_id() == rid
     assert StateStore(tmp_path / "t.db").replica_id() != rid
+
+
+def test_a_locked_database_is_an_error_never_moved_aside(tmp_path):
+    p = tmp_path / "state.db"
+    StateStore(p).close()
+    holder = sqlite3.connect(p, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # e.g. `supervisor silence` writing right now
+    try:
+        with pytest.raises(StateError, match="locked"):
+            StateStore(p, busy_timeout=0.2)
+        assert p.exists() and not list(tmp_path.glob("state.db.corrupt-*"))
+    finally:
+        holder.execute("ROLLBACK")
+    assert StateStore(p).load_memory() == {}

@@ -102,3 +102,36 @@ def test_the_core_memory_round_trips_so_a_restart_does_not_re_page():
     f.up(W1, at=81)
     ds = f.run(85, 120)
     assert resolved(ds) == [f"worker_lost:{W1}"], "and resolved once, as it was announced"
+
+
+def test_a_glob_worker_lost_before_a_supervisor_restart_is_not_falsely_resolved():
+    cfg = make_config([group_cfg("web", restart=False)])  # alert only: no platform to ask
+    f = Fleet(cfg)
+    f.up(W1, at=0)
+    f.run(0, 20)
+    f.down(W1)
+    assert fired(f.run(25, 60)) == [f"worker_lost:{W1}"]
+    again = Core(cfg)
+    again.restore(f.core.to_json())
+    g = Fleet(cfg, start=61, core=again)  # a fresh heartbeat memory: W1 is never heard again
+    ds = g.run(61, 120)
+    assert resolved(ds) == [] and fired(ds) == [], "still lost: neither resolved nor paged again"
+    assert W1 in again.remembered_hostnames("web")
+
+
+def test_a_canary_that_was_not_executed_is_chosen_again_not_declared_systemic():
+    from tests.unit.recorded import restarts
+
+    hosts = [f"celery@web-{i}" for i in range(1, 5)]
+    f = Fleet(make_config([group_cfg("web")]))
+    f.up(*hosts, at=0)
+    f.run(0, 20)
+    f.down(*hosts[:3])
+    d = f.tick(40, execute=False)  # the shell did not run it (a standby, an unconfirmed lease)
+    canary = [p for p in d.plans if p.canary]
+    assert len(canary) == 1
+    f.core.not_executed(canary[0])
+    d2 = f.tick(45)
+    assert [p.canary for p in d2.plans] == [True], "a canary is planned again"
+    assert f.core.policy.groups["web"].mode == "canary"
+    assert "group_systemic:web" not in fired(f.log) and restarts(d2)

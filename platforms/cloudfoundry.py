@@ -143,13 +143,6 @@ def _status(e: BaseException) -> int | None:
     return None
 
 
-def _titles(e: BaseException) -> set[str]:
-    body = getattr(e, "body", None)
-    if isinstance(body, dict) and isinstance(body.get("errors"), list):
-        return {err.get("title", "") for err in body["errors"] if isinstance(err, dict)}
-    return set()
-
-
 class _Pattern:
     """restart.instance compiled for one app name (or with {app} captured)."""
 

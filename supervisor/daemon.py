@@ -194,14 +194,6 @@ class Daemon:
         self.sd.close()
         log.info("stopped")
 
-    def request_stop(self, *_args) -> None:
-        self.stopping.set()
-        self.wake.set()
-
-    def request_reload(self, *_args) -> None:
-        self.reload_requested.set()
-        self.wake.set()
-
     # ------------------------------------------------------------ HTTP and metrics
     def _ensure_metrics(self) -> None:
         if self.metrics is None:

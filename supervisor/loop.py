@@ -84,7 +84,6 @@ class Supervisor:
 
                 self.outbox = Outbox(state, self.notifier, clock)
         self.platforms: dict = {}
-        self.platform_load_errors: dict[str, str] = {}
         self._lock = threading.Lock()  # one tick at a time
         self.last_report: TickReport | None = None
         self.ticks = 0

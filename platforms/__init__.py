@@ -9,11 +9,12 @@ kubernetes and Cloud Foundry each cost 0.1 to 0.25 s to import.
 from __future__ import annotations
 
 import importlib
+import shlex
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from supervisor.model import RestartResult, Target
+from supervisor.model import RestartResult, Target, WorkerSeen
 
 if TYPE_CHECKING:
     from supervisor.config import Config, GroupConfig
@@ -37,6 +38,24 @@ def render(template: str, hostname: str) -> str:
     return template.format(hostname=hostname, worker=worker, node=node)
 
 
+def render_argv(template: str, hostname: str) -> list[str]:
+    """A command-line template as an argv for a hostname: the template is split first (shlex, no
+    shell), then each word is filled. The hostname is data: whitespace or quotes in it never split
+    or join words. ValueError when the template does not split (an unbalanced quote) or a word
+    cannot be filled, or when a filled word would start with "-" only because of the hostname
+    (``{node}`` alone as a word, and a node named ``--logfile=...``: an injected option)."""
+    worker, node = split_hostname(hostname)
+    out = []
+    for word in shlex.split(template):
+        filled = word.format(hostname=hostname, worker=worker, node=node)
+        if "\0" in filled:
+            raise ValueError(f"the hostname {hostname!r} holds a NUL character")
+        if filled.startswith("-") and not word.startswith("-"):
+            raise ValueError(f"the hostname {hostname!r} would make the word {word!r} an option ({filled!r})")
+        out.append(filled)
+    return out
+
+
 class Platform(ABC):
     """What every adapter offers the loop. Every call may raise PlatformError; none may hang."""
 
@@ -52,10 +71,13 @@ class Platform(ABC):
         return g
 
     @abstractmethod
-    def inventory(self, group: GroupConfig, known: Iterable[str] = ()) -> list[Target]:
+    def inventory(self, group: GroupConfig, known: Iterable[str] = (), *,
+                  seen: Mapping[str, WorkerSeen] | None = None) -> list[Target]:
         """What the platform runs for a group, with its own state and, where known, the Celery
         hostname each target serves. ``known``: hostnames the supervisor has seen for the group
-        (a template-based platform renders their targets)."""
+        (a template-based platform renders their targets). ``seen``: what the heartbeats said of
+        them (hostname -> WorkerSeen: the pid each worker reports, when it was last heard); an
+        adapter that cannot use it ignores it (the local one tells its processes by it)."""
 
     @abstractmethod
     def target_for(self, group: GroupConfig, hostname: str) -> Target:

@@ -45,6 +45,8 @@ from oauth2_client.credentials_manager import CredentialManager, OAuthError
 from platforms import Platform, PlatformError, render
 from supervisor import redact
 from supervisor.config import CloudFoundryRestart
+from supervisor.hostnames import resource_name_problem
+from supervisor.hostnames import shown as shown_hostname
 from supervisor.model import RestartResult, Target
 
 if TYPE_CHECKING:
@@ -242,6 +244,10 @@ class Adapter(Platform):
                 + (f" with app {app!r}" if app is not None else "")
                 + ": start each worker with a hostname that does, {index} being $CF_INSTANCE_INDEX "
                 "(e.g. -n celery@my-worker-$CF_INSTANCE_INDEX for \"*@{app}-{index}\")")
+        if self._fixed_app(cfg) is None:  # the app name comes from the hostname: it is data, check it
+            problem = resource_name_problem("cloudfoundry app", found[0])
+            if problem:
+                raise PlatformError(f"refused {shown_hostname(hostname)}: {problem}")
         return found
 
     @staticmethod
@@ -367,7 +373,7 @@ class Adapter(Platform):
         raise AssertionError("unreachable")
 
     # ---------------------------------------------------------------- inventory
-    def inventory(self, group: GroupConfig, known: Iterable[str] = ()) -> list[Target]:
+    def inventory(self, group: GroupConfig, known: Iterable[str] = (), *, seen=None) -> list[Target]:
         cfg = self._restart_cfg(group)
         fixed = self._fixed_app(cfg)
         located: dict[str, tuple[str, int]] = {}

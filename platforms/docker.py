@@ -48,7 +48,7 @@ import docker.utils
 import requests.exceptions
 
 from platforms import Platform, PlatformError, render, split_hostname
-from supervisor import redact
+from supervisor import hostnames, redact
 from supervisor.config import DockerPlatform, DockerRestart
 from supervisor.model import DEAD_STATES, RestartResult, Target
 
@@ -278,12 +278,27 @@ class Adapter(Platform):
         return r
 
     def _name_for(self, cfg: DockerRestart, hostname: str) -> str | None:
+        """The container name the target template gives a hostname; None without a template, or
+        when the name it gives is no valid container name (never sent to the engine)."""
+        return None if self._name_problem(cfg, hostname) else self._render(cfg, hostname)
+
+    @staticmethod
+    def _render(cfg: DockerRestart, hostname: str) -> str | None:
         if not cfg.target:
             return None
         try:
             return render(cfg.target, hostname)
         except (KeyError, IndexError, ValueError):
             return None
+
+    def _name_problem(self, cfg: DockerRestart, hostname: str) -> str | None:
+        """Why the template cannot name a container for this hostname (None: it can, or no template)."""
+        if not cfg.target:
+            return None
+        name = self._render(cfg, hostname)
+        if name is None:
+            return f"the target template {cfg.target!r} cannot be filled for {hostnames.shown(hostname)}"
+        return hostnames.resource_name_problem("docker container", name)
 
     @staticmethod
     def _placeholder(hostname: str) -> str:
@@ -311,7 +326,8 @@ class Adapter(Platform):
         if name in by_name:
             return by_name[name]
         node = (attrs.get("Config") or {}).get("Hostname") or ""
-        mine = [h for h in by_node.get(node, []) if self._name_for(cfg, h) in (None, name)] if node else []
+        mine = [h for h in by_node.get(node, []) if self._name_problem(cfg, h) is None
+                and self._name_for(cfg, h) in (None, name)] if node else []
         if mine:
             return mine[0]
         if cfg.target:
@@ -345,7 +361,7 @@ class Adapter(Platform):
                 any(fnmatch.fnmatchcase(g["node"], h.partition("@")[2]) for h in group.hostnames if "@" in h)
         return True
 
-    def inventory(self, group: GroupConfig, known: Iterable[str] = ()) -> list[Target]:
+    def inventory(self, group: GroupConfig, known: Iterable[str] = (), *, seen=None) -> list[Target]:
         cfg = self._restart_cfg(group)
         hostnames = list(dict.fromkeys([*group.workers, *known]))
         by_name = {n: h for h in hostnames if (n := self._name_for(cfg, h))}
@@ -378,6 +394,9 @@ class Adapter(Platform):
         for h in hostnames:
             if h in found:
                 out.append(found.pop(h)[0])
+            elif (problem := self._name_problem(cfg, h)) is not None:
+                # a hostname no container can be named after: nothing is asked of the engine for it
+                out.append(Target(self._placeholder(h), group.name, h, "unknown", f"refused: {problem}"))
             else:
                 name = self._name_for(cfg, h)
                 where = f"no container named {name}" if name else \
@@ -395,6 +414,9 @@ class Adapter(Platform):
         """(container name, inspect document) for a target; PlatformError when there is none."""
         name = target.id
         if not name.startswith("<"):
+            problem = hostnames.resource_name_problem("docker container", name)
+            if problem:
+                raise PlatformError(f"refused: {problem}")
             attrs = self._inspect(name)
             if attrs is None:
                 raise PlatformError(f"no container named {name!r} on the Docker engine at {self.engine}")
@@ -403,6 +425,9 @@ class Adapter(Platform):
         cfg = self._restart_cfg(group)
         if not target.hostname:
             raise PlatformError(f"target {target.id!r} names no Celery hostname")
+        problem = self._name_problem(cfg, target.hostname)
+        if problem:
+            raise PlatformError(f"refused: {problem}")
         for t in self.inventory(group, [target.hostname]):
             if t.hostname == target.hostname and t.state != "missing":
                 attrs = self._inspect(t.id)
@@ -451,7 +476,8 @@ class Adapter(Platform):
     # ---- logs
     def logs(self, target: Target, lines: int = 50) -> str:
         try:
-            name = target.id if not target.id.startswith("<") else self._resolve(target)[0]
+            name = self._resolve(target)[0] if target.id.startswith("<") or \
+                hostnames.resource_name_problem("docker container", target.id) else target.id
             raw = self._call("logs", lambda api: api.logs(name, stdout=True, stderr=True, tail=max(1, lines)))
         except docker.errors.NotFound:
             raise PlatformError(f"no container named {target.id!r} on the Docker engine at {self.engine}") from None

@@ -49,6 +49,8 @@ from typing import TYPE_CHECKING, Any
 from platforms import Platform, PlatformError, render
 from supervisor import redact
 from supervisor.config import KubernetesPlatform, KubernetesRestart
+from supervisor.hostnames import resource_name_problem
+from supervisor.hostnames import shown as shown_hostname
 from supervisor.model import RestartResult, Target
 
 if TYPE_CHECKING:
@@ -183,7 +185,17 @@ class Adapter(Platform):
         return self._restart_cfg(group).namespace or self.pcfg.namespace
 
     def pod_name(self, group: GroupConfig, hostname: str) -> str:
-        return render(self._restart_cfg(group).target, hostname)
+        """The pod a hostname names (restart.target filled); PlatformError when that is no valid
+        pod name: nothing is asked of the API server for it."""
+        template = self._restart_cfg(group).target
+        try:
+            name = render(template, hostname)
+        except (KeyError, IndexError, ValueError) as e:
+            raise PlatformError(f"cannot fill {template!r} for {shown_hostname(hostname)}: {e}") from None
+        problem = resource_name_problem("kubernetes pod", name)
+        if problem:
+            raise PlatformError(f"refused {shown_hostname(hostname)}: {problem}")
+        return name
 
     def _want_in_cluster(self) -> bool:
         if self.pcfg.in_cluster is not None:
@@ -309,14 +321,18 @@ class Adapter(Platform):
                 return h
         return None
 
-    def inventory(self, group: GroupConfig, known: Iterable[str] = ()) -> list[Target]:
+    def inventory(self, group: GroupConfig, known: Iterable[str] = (), *, seen=None) -> list[Target]:
         r = self._restart_cfg(group)
         ns = self.namespace(group)
         pods = self.list_pods(group)
         by_name = {(p.get("metadata") or {}).get("name"): p for p in pods}
         hostnames: dict[str, str] = {}
-        for h in [*group.workers, *known]:
-            hostnames.setdefault(self.pod_name(group, h), h)
+        refused: list[Target] = []
+        for h in dict.fromkeys([*group.workers, *known]):
+            try:
+                hostnames.setdefault(self.pod_name(group, h), h)
+            except PlatformError as e:  # a hostname no pod can be named after
+                refused.append(Target(f"<{h}>", group.name, h, "unknown", str(e)))
         out: list[Target] = []
         uids: dict[str, str] = {}
         owners: dict[str, str] = {}
@@ -342,7 +358,7 @@ class Adapter(Platform):
                 out.append(Target(pod_name, group.name, h, "missing",
                                   f"no pod {pod_name} in namespace {ns}"
                                   + (f" with labels {selector_text(r.selector)}" if r.selector else "")))
-        return out
+        return out + refused
 
     def target_for(self, group: GroupConfig, hostname: str) -> Target:
         return Target(self.pod_name(group, hostname), group.name, hostname, "unknown")
@@ -352,6 +368,9 @@ class Adapter(Platform):
         group = self.group(target.group)
         r = self._restart_cfg(group)
         ns = self.namespace(group)
+        problem = resource_name_problem("kubernetes pod", target.id)
+        if problem:  # never sent to the API server
+            return RestartResult(False, f"refused: {problem}")
         if target.state == "stopping":
             return RestartResult(True, f"pod {target.id} is already being deleted; its controller replaces it",
                                  in_progress=True)
@@ -470,6 +489,9 @@ class Adapter(Platform):
         container's when none terminated (HTTP 400 from the API server) or its pod is gone."""
         if lines <= 0:
             return ""
+        problem = resource_name_problem("kubernetes pod", target.id)
+        if problem:
+            raise PlatformError(f"refused: {problem}")
         group = self.group(target.group)
         r = self._restart_cfg(group)
         ns = self.namespace(group)

@@ -2,22 +2,30 @@
 
 For development, demos and hosts without systemd, and as careful as the others: a restart never
 leaves two copies of one worker. Before starting, every running copy is found and stopped
-(SIGTERM, ``restart.stop_timeout``, then SIGKILL, and waited for):
+(SIGTERM, ``restart.stop_timeout``, then SIGKILL, and waited for). A process serves the target's
+hostname (platforms.local_procs says how each is recognised) when it is:
 
 - the process in the target's pid file, if it is still the same process (the pid file records
-  the process start time, field 22 of ``/proc/PID/stat``, so a reused PID is not mistaken for it);
-- any process whose environment carries ``CELERY_SUPERVISOR_TARGET=<target id>``, the marker set
+  its start time, so a reused PID is not mistaken for it);
+- a process whose environment carries ``CELERY_SUPERVISOR_TARGET=<target id>``, the marker set
   on everything this adapter starts (prefork pool children inherit it: only processes whose parent
   does not carry the same marker count as copies);
-- any process whose argv equals the rendered argv exactly (a worker started by hand).
+- a process whose argv equals the rendered argv exactly (a worker started by hand);
+- a celery worker's main process serving the hostname, however it was started: ``-n`` or not
+  (Celery's default ``celery@<host>``), the console script or ``python -m celery``, its command
+  line rewritten by setproctitle (``[celeryd: HOST:MainProcess]``);
+- the process whose pid the worker's heartbeats report (``inventory(..., seen=...)``), if it started
+  before the heartbeat that reported it. When that process runs but cannot be verified as the worker,
+  the adapter does not restart and says why.
 
 Files, per target, in the run dir (``platforms.local.run_dir``, else ``supervisor-local`` next to
-``loop.state_path``): ``<id>.pid`` (JSON: pid, start_time, hostname, group, argv, started_at),
+``loop.state_path``): ``<id>.pid`` (JSON: pid, create_time, hostname, group, argv, started_at),
 ``<id>.log`` (the worker's stdout and stderr, appended) and ``<id>.lock`` (held during a restart,
 so that two restarts of one target, in threads or processes, never interleave).
 
-Linux only (it reads ``/proc``). Workers are started in a session of their own and outlive the
-supervisor; run the supervisor with systemd's ``KillMode=process`` if its stop must not stop them.
+Runs where psutil does (Linux, macOS, the BSDs); signals go through a pidfd on Linux. Workers are
+started in a session of their own and outlive the supervisor; run the supervisor with systemd's
+``KillMode=process`` if its stop must not stop them. What a worker inherits: platforms.local_env.
 """
 
 from __future__ import annotations
@@ -29,35 +37,45 @@ import hashlib
 import json
 import os
 import re
-import select
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from platforms import Platform, PlatformError, render
+from platforms import Platform, PlatformError, render_argv
+from platforms.local_env import worker_environment
+from platforms.local_procs import (
+    MARKER,
+    Heard,
+    Proc,
+    ProcScan,
+    Signaller,
+    Want,
+    alive,
+    heard_process,
+    read_proc,
+    same_start,
+    worker_of,
+)
+from supervisor import hostnames as _hostnames
 from supervisor import redact
 from supervisor.config import LocalRestart
-from supervisor.model import RestartResult, Target
+from supervisor.model import RestartResult, Target, WorkerSeen
 
 if TYPE_CHECKING:
     from supervisor.config import Config, GroupConfig
 
-MARKER = "CELERY_SUPERVISOR_TARGET"
 EARLY_EXIT = 0.2  # a process that dies this soon after its start is reported by restart() itself
 KILL_WAIT = 5.0  # how long SIGKILLed processes may take to be gone before restart() gives up
 LOG_ROTATE_BYTES = 10 * 1024 * 1024  # at a start, a bigger log is moved to <id>.log.1
 TAIL_MAX_BYTES = 1024 * 1024  # logs() reads at most this much from the end of the file
-_PF_KTHREAD = 0x00200000
 _SAFE = re.compile(r"[^A-Za-z0-9_.@+-]")
-_SECRET_NAME = re.compile(r"PASS|PWD|TOKEN|SECRET|KEY|URL|CREDENTIAL|AUTH|DSN|PRIVATE|COOKIE", re.I)
 
 
 def target_id(group: str, hostname: str) -> str:
@@ -80,247 +98,6 @@ def describe_exit(returncode: int) -> str:
         except ValueError:
             return f"killed by signal {-returncode}"
     return f"exit code {returncode}"
-
-
-# ---------------------------------------------------------------- /proc
-@dataclass(frozen=True)
-class Proc:
-    pid: int
-    ppid: int
-    state: str  # R S D Z T ... (field 3 of /proc/PID/stat)
-    start: int  # clock ticks after boot (field 22)
-
-    @property
-    def key(self) -> tuple[int, int]:
-        return (self.pid, self.start)
-
-
-def read_proc(pid: int) -> Proc | None:
-    """One process from /proc/PID/stat (None: no such process, or a kernel thread)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    close = data.rfind(b")")  # comm may hold spaces and parentheses
-    fields = data[close + 2 :].split()
-    try:
-        if int(fields[6]) & _PF_KTHREAD:
-            return None
-        return Proc(pid, int(fields[1]), fields[0].decode("ascii", "replace"), int(fields[19]))
-    except (IndexError, ValueError):
-        return None
-
-
-def alive(pid: int, start: int | None) -> bool:
-    """The process still runs (not a zombie) and is the same process (start time), if given."""
-    p = read_proc(pid)
-    return p is not None and p.state not in ("Z", "X", "x") and (start is None or p.start == start)
-
-
-def _read_bytes(path: str) -> bytes | None:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError:  # gone mid-scan, or another user's process
-        return None
-
-
-def _expand_hostname(value: str) -> str:
-    """Celery's -n expansions: %h (this host's name), %n (its first label), %d (the rest)."""
-    if "%" not in value:
-        return value
-    host = socket.gethostname()
-    name, _, domain = host.partition(".")
-    return value.replace("%h", host).replace("%n", name).replace("%d", domain).replace("%%", "%")
-
-
-def celery_hostname(argv: tuple[str, ...]) -> str | None:
-    """The Celery hostname of a `celery ... worker -n NAME` command line, or None if it is not one."""
-    if "worker" not in argv or not any("celery" in os.path.basename(a) or a == "celery" for a in argv[:4]):
-        return None
-    for i, a in enumerate(argv):
-        if a in ("-n", "--hostname") and i + 1 < len(argv):
-            return _expand_hostname(argv[i + 1])
-        if a.startswith("--hostname="):
-            return _expand_hostname(a.split("=", 1)[1])
-        if a.startswith("-n") and len(a) > 2 and not a.startswith("--"):
-            return _expand_hostname(a[2:])
-    return None
-
-
-class ProcScan:
-    """One pass over /proc: each process's parent, state and start time; its argv and its marker
-    are read only when asked for (and remembered for the rest of the pass)."""
-
-    def __init__(self) -> None:
-        self.procs: dict[int, Proc] = {}
-        try:
-            names = os.listdir("/proc")
-        except OSError as e:
-            raise PlatformError(f"cannot list /proc: {e}") from None
-        for name in names:
-            if name.isdigit():
-                p = read_proc(int(name))
-                if p is not None:
-                    self.procs[p.pid] = p
-        self._argv: dict[int, tuple[str, ...] | None] = {}
-        self._marker: dict[int, str | None] = {}
-        self._children: dict[int, list[int]] | None = None
-
-    def argv(self, pid: int) -> tuple[str, ...] | None:
-        if pid not in self._argv:
-            data = _read_bytes(f"/proc/{pid}/cmdline")
-            if not data:
-                self._argv[pid] = None
-            else:
-                self._argv[pid] = tuple(os.fsdecode(a) for a in data.rstrip(b"\0").split(b"\0"))
-        return self._argv[pid]
-
-    def marker(self, pid: int) -> str | None:
-        if pid not in self._marker:
-            value = None
-            data = _read_bytes(f"/proc/{pid}/environ")
-            if data:
-                key = MARKER.encode() + b"="
-                if data.startswith(key):
-                    i = len(key)
-                else:
-                    i = data.find(b"\0" + key)
-                    i = i + 1 + len(key) if i >= 0 else -1
-                if i >= 0:
-                    j = data.find(b"\0", i)
-                    value = os.fsdecode(data[i : j if j >= 0 else len(data)])
-            self._marker[pid] = value
-        return self._marker[pid]
-
-    def children(self, pid: int) -> list[int]:
-        if self._children is None:
-            self._children = {}
-            for p in self.procs.values():
-                self._children.setdefault(p.ppid, []).append(p.pid)
-        return self._children.get(pid, [])
-
-    def descendants(self, pid: int) -> list[Proc]:
-        out, todo, seen = [], list(self.children(pid)), {pid}
-        while todo:
-            c = todo.pop()
-            if c in seen or c not in self.procs:
-                continue
-            seen.add(c)
-            out.append(self.procs[c])
-            todo.extend(self.children(c))
-        return out
-
-    def ancestors(self, pid: int) -> set[int]:
-        out: set[int] = set()
-        p = self.procs.get(pid)
-        while p is not None and p.ppid not in out and p.ppid > 0:
-            out.add(p.ppid)
-            p = self.procs.get(p.ppid)
-        return out
-
-    def copies(self, wanted: dict[str, tuple[str, ...] | None],
-               hostnames: dict[str, str] | None = None) -> dict[str, list[Proc]]:
-        """For each target id: the live processes that are a copy of its worker (marker, exact
-        argv, or a celery worker whose -n/--hostname is the target's Celery hostname: a worker
-        started by hand through the `celery` script runs as `python .../celery ...`) and whose
-        parent is not (pool children and a worker's own subprocesses are not copies). This process
-        and its ancestors never are."""
-        by_argv: dict[tuple[str, ...], set[str]] = {}
-        for tid, argv in wanted.items():
-            if argv:
-                by_argv.setdefault(tuple(argv), set()).add(tid)
-        by_host: dict[str, set[str]] = {}
-        for tid, h in (hostnames or {}).items():
-            by_host.setdefault(h, set()).add(tid)
-        owners_memo: dict[int, frozenset[str]] = {}
-
-        def owners(pid: int) -> frozenset[str]:
-            if pid not in owners_memo:
-                found: set[str] = set()
-                m = self.marker(pid)
-                if m is not None and m in wanted:
-                    found.add(m)
-                if by_argv or by_host:
-                    a = self.argv(pid)
-                    if a is not None:
-                        found |= by_argv.get(a, set())
-                        if by_host:
-                            h = celery_hostname(a)
-                            if h is not None:
-                                found |= by_host.get(h, set())
-                owners_memo[pid] = frozenset(found)
-            return owners_memo[pid]
-
-        me = os.getpid()
-        exclude = {me} | self.ancestors(me)
-        result: dict[str, list[Proc]] = {tid: [] for tid in wanted}
-        for pid, p in self.procs.items():
-            if pid in exclude or p.state in ("Z", "X", "x"):
-                continue
-            mine = owners(pid)
-            if not mine:
-                continue
-            parents = owners(p.ppid) if p.ppid in self.procs else frozenset()
-            for tid in mine - parents:
-                result[tid].append(p)
-        return result
-
-
-class _Signaller:
-    """Signals processes by (pid, start time), through a pidfd where the kernel has them, so that
-    a PID reused between the scan and the signal is never hit. Keeps the pidfds to wait on."""
-
-    def __init__(self) -> None:
-        self.fds: dict[tuple[int, int], int] = {}
-
-    def send(self, p: Proc, sig: int) -> str | None:
-        """None when sent (or the process is already gone); else why not."""
-        fd = self.fds.get(p.key)
-        if fd is None:
-            try:
-                fd = os.pidfd_open(p.pid)
-            except ProcessLookupError:
-                return None
-            except (AttributeError, OSError):
-                fd = None
-            if fd is not None:
-                self.fds[p.key] = fd
-        try:
-            now = read_proc(p.pid)
-            if now is None or now.start != p.start:
-                return None
-            if fd is not None:
-                signal.pidfd_send_signal(fd, sig)
-            else:
-                os.kill(p.pid, sig)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            return f"pid {p.pid}: permission denied"
-        except OSError as e:
-            return f"pid {p.pid}: {e.strerror or e}"
-        return None
-
-    def wait(self, keys: Iterable[tuple[int, int]], timeout: float) -> None:
-        """Until one of these processes exits, or timeout."""
-        if timeout <= 0:
-            return
-        fds = [self.fds[k] for k in keys if k in self.fds]
-        if not fds:
-            time.sleep(min(timeout, 0.05))
-            return
-        poller = select.poll()
-        for fd in fds:
-            poller.register(fd, select.POLLIN)
-        poller.poll(timeout * 1000)
-
-    def close(self) -> None:
-        for fd in self.fds.values():
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.fds.clear()
 
 
 # ---------------------------------------------------------------- files
@@ -350,41 +127,40 @@ def tail_file(path: Path, lines: int, max_bytes: int = TAIL_MAX_BYTES, start: in
 @dataclass(frozen=True)
 class PidFile:
     pid: int
-    start: int | None
+    start: float | None  # the process's start time (psutil create_time)
     hostname: str | None
     group: str | None
     started_at: float | None
 
 
-def read_pidfile(path: Path) -> PidFile | None:
+def _legacy_start(ticks: int) -> float | None:
+    """A pid file written before psutil recorded the start in clock ticks after boot (Linux)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return PidFile(
-            int(data["pid"]),
-            int(data["start_time"]) if data.get("start_time") is not None else None,
-            data.get("hostname"),
-            data.get("group"),
-            data.get("started_at"),
-        )
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        import psutil
+
+        return psutil.boot_time() + ticks / os.sysconf("SC_CLK_TCK")
+    except (ValueError, OSError, AttributeError):
         return None
 
 
-def _boot_time() -> float:
+def read_pidfile(path: Path) -> PidFile | None:
     try:
-        with open("/proc/stat", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("btime "):
-                    return float(line.split()[1])
-    except OSError:
-        pass
-    return 0.0
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("create_time") is not None:
+            start = float(data["create_time"])
+        elif data.get("start_time") is not None:
+            start = _legacy_start(int(data["start_time"]))
+        else:
+            start = None
+        return PidFile(int(data["pid"]), start, data.get("hostname"), data.get("group"), data.get("started_at"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 @dataclass(frozen=True)
 class _Exit:
     pid: int
-    start: int | None
+    start: float | None
     detail: str
     at: float
 
@@ -401,14 +177,13 @@ class Adapter(Platform):
         else:
             self.run_dir = Path(config.loop.state_path).expanduser().parent / "supervisor-local"
         self._lock = threading.Lock()
-        self._children: dict[str, tuple[subprocess.Popen, int | None]] = {}  # what we started: proc, start
+        self._children: dict[str, tuple[subprocess.Popen, float | None]] = {}  # what we started: proc, start
         self._stale: list[subprocess.Popen] = []  # older children not reaped yet
         self._exits: dict[str, _Exit] = {}  # our children we reaped, last per target
-        self._running: dict[str, tuple[int, int | None]] = {}  # last seen running (pid, start)
-        self._gone: dict[str, tuple[int, int | None, float]] = {}  # seen going away: pid, start, when
+        self._running: dict[str, tuple[int, float | None]] = {}  # last seen running (pid, start)
+        self._gone: dict[str, tuple[int, float | None, float | None]] = {}  # seen going away: pid, start, when
         self._busy: set[str] = set()  # restarts in progress in this process
-        self._hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        self._btime = _boot_time()
+        self._heard: dict[str, Heard] = {}  # what the heartbeats last said (pid, when), per target
 
     # ---- paths and commands (no I/O)
     def _paths(self, tid: str) -> tuple[Path, Path, Path]:
@@ -421,10 +196,11 @@ class Adapter(Platform):
         return r
 
     def _argv(self, cfg: LocalRestart, hostname: str) -> list[str]:
+        # split the template first, then fill each word: a hostname is data, never syntax
         try:
-            argv = shlex.split(render(cfg.target, hostname))
+            argv = render_argv(cfg.target, hostname)
         except (KeyError, IndexError, ValueError) as e:
-            raise PlatformError(f"cannot build the command for {hostname}: {e}") from None
+            raise PlatformError(f"cannot build the command for {_hostnames.shown(hostname)}: {e}") from None
         if not argv:
             raise PlatformError(f"the command for {hostname} is empty")
         return argv
@@ -437,10 +213,11 @@ class Adapter(Platform):
         except PlatformError:
             return None
 
-    def _since(self, start: int | None) -> float | None:
-        if start is None or not self._btime:
-            return None
-        return self._btime + start / self._hz
+    def _want(self, cfg: LocalRestart, hostname: str | None) -> Want:
+        """What identifies the worker of a hostname: the command we would run, its -A app."""
+        argv = self._argv_or_none(cfg, hostname)
+        ident = worker_of(argv) if argv else None
+        return Want(argv, hostname, ident.app if ident is not None else None)
 
     def target_for(self, group: GroupConfig, hostname: str) -> Target:
         return Target(id=target_id(group.name, hostname), group=group.name, hostname=hostname)
@@ -450,16 +227,16 @@ class Adapter(Platform):
             cfg = self._restart_cfg(self.group(target.group))
         except (KeyError, PlatformError):
             return f"(group {target.group!r} has no local restart command)"
-        try:
-            command = render(cfg.target, target.hostname or "{hostname}")
-        except (KeyError, IndexError, ValueError):
-            command = cfg.target
+        try:  # the argv the restart runs, quoted as a shell would need it
+            command = shlex.join(render_argv(cfg.target, target.hostname)) if target.hostname else cfg.target
+        except (KeyError, IndexError, ValueError) as e:
+            return redact.scrub(f"(cannot build the command for {_hostnames.shown(target.hostname)}: {e})")
         parts = []
         if cfg.cwd:
             parts.append(f"cd {shlex.quote(cfg.cwd)} &&")
         for name, value in cfg.env.items():
-            secretish = _SECRET_NAME.search(name) or "://" in value or "@" in value or redact.looks_like_token(value)
-            shown = redact.MASK if secretish else shlex.quote(value)
+            # restart.env values are secrets unless plainly not (redact.env_value_is_secret)
+            shown = redact.MASK if redact.env_value_is_secret(name, value) else shlex.quote(value)
             parts.append(f"{name}={shown}")
         parts.append(command)
         return redact.scrub(" ".join(parts))
@@ -491,9 +268,20 @@ class Adapter(Platform):
                     out[pf.hostname] = pf
         return out
 
-    def inventory(self, group: GroupConfig, known: Iterable[str] = ()) -> list[Target]:
+    def _remember(self, group: str, seen: Mapping[str, WorkerSeen] | None) -> None:
+        """Keep what the heartbeats said of each worker: the pid it reports, and when."""
+        for h, ws in (seen or {}).items():
+            if ws.pid and ws.last_heartbeat is not None:
+                with self._lock:
+                    self._heard[target_id(group, h)] = Heard(ws.pid, ws.last_heartbeat)
+
+    def inventory(self, group: GroupConfig, known: Iterable[str] = (), *,
+                  seen: Mapping[str, WorkerSeen] | None = None) -> list[Target]:
+        """``seen``: what the heartbeats said of the group's workers (hostname -> WorkerSeen): the
+        pid each reports is evidence of which process serves it, however it was started."""
         cfg = self._restart_cfg(group)
         self._reap()
+        self._remember(group.name, seen)
         pidfiles = self._pidfiles(group.name)
         hostnames = list(dict.fromkeys([*group.workers, *known, *pidfiles]))
         now = time.time()
@@ -505,26 +293,43 @@ class Adapter(Platform):
             if tid in self._busy:
                 results[h] = Target(tid, group.name, h, "restarting", "restart in progress")
             elif pf is not None and alive(pf.pid, pf.start):
-                results[h] = Target(tid, group.name, h, "running", f"pid {pf.pid}", self._since(pf.start))
+                results[h] = Target(tid, group.name, h, "running", f"pid {pf.pid}", pf.start)
                 self._seen_running(tid, pf.pid, pf.start)
             else:
                 pending[tid] = h
+        doubts: dict[str, tuple[Proc, str]] = {}
+        for tid, h in list(pending.items()):  # the pid its heartbeats report: one process, no scan
+            heard = self._heard.get(tid)
+            if heard is None:
+                continue
+            p, why = heard_process(None, heard, tid, h)
+            if p is not None and why is None:
+                results[h] = Target(tid, group.name, h, "running", f"pid {p.pid} (reported by its heartbeats)", p.start)
+                self._seen_running(tid, p.pid, p.start)
+                del pending[tid]
+            elif p is not None and why is not None:
+                doubts[tid] = (p, why)
         if pending:
             scan = ProcScan()
-            found = scan.copies({tid: self._argv_or_none(cfg, h) for tid, h in pending.items()}, pending)
+            found = scan.copies({tid: self._want(cfg, h) for tid, h in pending.items()})
             for tid, h in pending.items():
                 roots = found.get(tid) or []
                 if roots:
                     pids = ", ".join(str(p.pid) for p in roots)
                     what = f"pid {pids}" if len(roots) == 1 else f"{len(roots)} copies: pids {pids}"
                     results[h] = Target(tid, group.name, h, "running", f"{what} (not from its pid file)",
-                                        self._since(roots[0].start))
+                                        roots[0].start)
                     self._seen_running(tid, roots[0].pid, roots[0].start)
+                elif tid in doubts:
+                    # it may be the worker: taken as running, and never doubled (restart() refuses)
+                    p, why = doubts[tid]
+                    results[h] = Target(tid, group.name, h, "running", f"{why}; taken as running", p.start)
+                    self._seen_running(tid, p.pid, p.start)
                 else:
                     results[h] = self._not_running(tid, group.name, h, now, pidfiles.get(h))
         return [results[h] for h in hostnames]
 
-    def _seen_running(self, tid: str, pid: int, start: int | None) -> None:
+    def _seen_running(self, tid: str, pid: int, start: float | None) -> None:
         with self._lock:
             self._running[tid] = (pid, start)
             self._gone.pop(tid, None)
@@ -574,10 +379,9 @@ class Adapter(Platform):
         except PlatformError as e:
             return RestartResult(False, redact.scrub(e))
         tid = target_id(group.name, hostname)
-        # the supervisor's environment, less what holds its own secrets (Apprise URLs, passwords it
-        # read through ${VAR}): a worker gets those only when `env` names them
-        env = {k: v for k, v in os.environ.items() if redact.scrub(v) == v}
-        env.update(cfg.env)
+        # the supervisor's environment (the broker URL it watches included), less its own secrets
+        # and settings (platforms.local_env), plus `env`
+        env, _ = worker_environment(self.config, os.environ, cfg.env)
         env.setdefault("PYTHONUNBUFFERED", "1")  # so that logs() shows a crashed worker's last words
         env.setdefault("SPT_NOENV", "1")  # setproctitle: keep /proc/PID/environ (our marker) intact
         env[MARKER] = tid
@@ -608,13 +412,13 @@ class Adapter(Platform):
         its pid file. For `supervisor demo`, benchmarks and tests; the loop never stops a worker."""
         group = self.group(target.group)
         cfg = self._restart_cfg(group)
-        argv = tuple(self._argv(cfg, target.hostname))
+        self._argv(cfg, target.hostname)  # refuses a hostname it cannot build a command for
         tid = target_id(group.name, target.hostname)
         pid_path = self._paths(tid)[0]
         with self._exclusive(tid) as mine:
             if not mine:
                 return False
-            _, error = self._stop_copies(tid, argv, read_pidfile(pid_path), target.hostname,
+            _, error = self._stop_copies(tid, self._want(cfg, target.hostname), read_pidfile(pid_path),
                                          cfg.stop_timeout if timeout is None else timeout)
             if error is None:
                 with contextlib.suppress(OSError):
@@ -667,7 +471,8 @@ class Adapter(Platform):
     def _restart_locked(self, tid: str, group: str, hostname: str, argv: list[str], cwd: str | None,
                         env: dict[str, str], cfg: LocalRestart, reason: str) -> RestartResult:
         pid_path, log_path, _ = self._paths(tid)
-        stopped, error = self._stop_copies(tid, tuple(argv), read_pidfile(pid_path), hostname, cfg.stop_timeout)
+        want = replace(self._want(cfg, hostname), argv=tuple(argv))
+        stopped, error = self._stop_copies(tid, want, read_pidfile(pid_path), cfg.stop_timeout)
         if error:
             return RestartResult(False, f"{hostname}: {error}; not starting a second copy")
         # start
@@ -704,7 +509,7 @@ class Adapter(Platform):
             self._exits.pop(tid, None)
             self._gone.pop(tid, None)
             self._running[tid] = (proc.pid, start)
-        record = {"pid": proc.pid, "start_time": start, "hostname": hostname, "group": group,
+        record = {"pid": proc.pid, "create_time": start, "hostname": hostname, "group": group,
                   "argv": argv, "started_at": time.time()}
         tmp = pid_path.with_name(pid_path.name + ".tmp")
         try:
@@ -731,32 +536,41 @@ class Adapter(Platform):
         msg += f"; last output:\n{out}" if out else "; it wrote no output"
         return RestartResult(False, redact.scrub(msg))
 
-    def _stop_copies(self, tid: str, argv: tuple[str, ...], pf: PidFile | None, hostname: str | None,
-                     timeout: float) -> tuple[list[str], str | None]:
+    def _stop_copies(self, tid: str, want: Want, pf: PidFile | None, timeout: float) -> tuple[list[str], str | None]:
         """Stop every running copy of the target: SIGTERM, wait up to `timeout`, SIGKILL, and wait
-        for them (and, after SIGKILL, their descendants) to be gone. (notes, error)."""
-        sig = _Signaller()
+        for them (and, after SIGKILL, their descendants) to be gone. (notes, error). A process the
+        heartbeats name that cannot be verified as the worker: nothing is stopped (error)."""
+        sig = Signaller()
         t0 = time.monotonic()
         deadline = t0 + timeout
-        termed: dict[tuple[int, int], Proc] = {}
-        killed: dict[tuple[int, int], Proc] = {}
+        termed: dict[tuple[int, float], Proc] = {}
+        killed: dict[tuple[int, float], Proc] = {}
         errors: list[str] = []
-        never = {os.getpid(), os.getppid()}  # a pid file naming the supervisor itself is bogus
+        heard = self._heard.get(tid)
 
-        def scan_copies() -> tuple[ProcScan, list[Proc]]:
+        def scan_copies() -> tuple[ProcScan, list[Proc], str | None]:
             self._reap()
             scan = ProcScan()
-            roots = scan.copies({tid: argv}, {tid: hostname} if hostname else None)[tid]
+            never = scan.never()  # a pid file naming the supervisor itself is bogus
+            roots = scan.copies({tid: want})[tid]
             if pf is not None and pf.start is not None and pf.pid not in never:
                 p = scan.procs.get(pf.pid)
-                if p is not None and p.start == pf.start and p.state not in ("Z", "X", "x") \
-                        and all(r.pid != p.pid for r in roots):
+                if p is not None and same_start(p.start, pf.start) and not p.gone and all(r.pid != p.pid for r in roots):
                     roots.append(p)
-            return scan, roots
+            doubt = None
+            if heard is not None and want.hostname:
+                p, why = heard_process(scan, heard, tid, want.hostname)
+                if p is not None and why is None and all(r.pid != p.pid for r in roots):
+                    roots.append(p)
+                doubt = why
+            return scan, roots, doubt
 
         try:
+            scan, roots, doubt = scan_copies()
+            if doubt:
+                return [], (f"{doubt}: cannot tell whether it is the worker, so it is neither stopped nor "
+                            "doubled; stop it by hand if it is not")
             while True:  # graceful: SIGTERM each copy once, wait for all to be gone
-                scan, roots = scan_copies()
                 if not roots:
                     break
                 if time.monotonic() >= deadline:
@@ -770,18 +584,18 @@ class Adapter(Platform):
                 if errors:
                     return [], f"cannot stop the running copy ({'; '.join(errors)})"
                 sig.wait([r.key for r in roots], min(0.5, deadline - time.monotonic()))
+                scan, roots, _ = scan_copies()
             kill_deadline = time.monotonic() + KILL_WAIT
             while roots or killed:  # forceful: SIGKILL the copies and all below them until all are gone
-                victims = {p.key: p for r in roots for p in (r, *scan.descendants(r.pid))
-                           if p.state not in ("Z", "X", "x")}
+                victims = {p.key: p for r in roots for p in (r, *scan.descendants(r.pid)) if not p.gone}
                 for k, p in killed.items():
                     q = scan.procs.get(p.pid)
-                    if q is not None and q.start == p.start and q.state not in ("Z", "X", "x"):
+                    if q is not None and same_start(q.start, p.start) and not q.gone:
                         victims.setdefault(k, q)
                 if not victims:
                     break
                 if time.monotonic() >= kill_deadline:
-                    left = ", ".join(f"{p.pid} ({p.state})" for p in victims.values())
+                    left = ", ".join(f"{p.pid} ({p.status})" for p in victims.values())
                     return [], f"processes still alive {KILL_WAIT:.0f}s after SIGKILL: {left}"
                 for v in victims.values():
                     err = sig.send(v, signal.SIGKILL)
@@ -789,7 +603,7 @@ class Adapter(Platform):
                     if err:
                         return [], f"cannot kill the running copy ({err})"
                 time.sleep(0.02)
-                scan, roots = scan_copies()
+                scan, roots, _ = scan_copies()
         finally:
             sig.close()
         self._reap()

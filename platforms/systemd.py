@@ -33,7 +33,7 @@ import time
 from collections.abc import Iterable
 
 from platforms import Platform, PlatformError, render
-from supervisor import redact
+from supervisor import hostnames, redact
 from supervisor.config import SystemdPlatform, SystemdRestart
 from supervisor.model import RestartResult, Target
 
@@ -61,12 +61,17 @@ def unit_name(template: str, hostname: str) -> str:
         raise PlatformError(f"cannot build the unit name for {hostname}: {e}") from None
     if not name.endswith(UNIT_SUFFIXES):
         name += ".service"
-    if not _UNIT_NAME.match(name) or len(name) > 255 or name.startswith("-"):
+    if not valid_unit(name):
         raise PlatformError(
-            f"{hostname}: the target template {template!r} gives {name!r}, which is not a valid unit name "
-            "(letters, digits and :_.@- only; see systemd-escape)"
+            f"{hostnames.shown(hostname)}: the target template {template!r} gives {name!r}, which is not a "
+            "valid unit name (letters, digits and :_.@- only; see systemd-escape)"
         )
     return name
+
+
+def valid_unit(name: str) -> bool:
+    """A unit name systemctl takes as one (never an option, a pattern or a path)."""
+    return bool(_UNIT_NAME.match(name)) and len(name) <= 255 and not name.startswith("-")
 
 
 def parse_show(text: str) -> list[dict[str, str]]:
@@ -282,7 +287,7 @@ class Adapter(Platform):
         return out
 
     # ---- the platform interface
-    def inventory(self, group, known: Iterable[str] = ()) -> list[Target]:
+    def inventory(self, group, known: Iterable[str] = (), *, seen=None) -> list[Target]:
         cfg = self._restart_cfg(group)
         hostnames = list(dict.fromkeys([*group.workers, *known]))
         units: dict[str, str] = {}
@@ -305,6 +310,8 @@ class Adapter(Platform):
 
     def restart(self, target: Target, reason: str) -> RestartResult:
         unit = target.id
+        if not valid_unit(unit):  # built from a hostname no unit can be named after: refuse, never run
+            return RestartResult(False, f"refused: {unit!r} is not a valid unit name")
         try:
             group = self.group(target.group)
             cfg = self._restart_cfg(group)
@@ -370,6 +377,8 @@ class Adapter(Platform):
     def logs(self, target: Target, lines: int = 50) -> str:
         if lines <= 0:
             return ""
+        if not valid_unit(target.id):
+            raise PlatformError(f"refused: {target.id!r} is not a valid unit name")
         res = self._run(self.journal_argv(target.id, lines), self.timeout)
         if res.returncode != 0:
             raise PlatformError(f"{res.args[0]} failed (exit {res.returncode}): "

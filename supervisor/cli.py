@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -11,6 +12,7 @@ import click
 from supervisor import __version__, redact
 
 EXIT_INVALID_CONFIG = 2
+EXIT_UNKNOWN = 3  # could not observe, or an internal error (Nagios: UNKNOWN)
 
 
 def _version_text() -> str:
@@ -29,6 +31,48 @@ def setup_logging(level: str) -> None:
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
     for noisy in ("kombu", "celery", "amqp", "apscheduler", "apprise", "urllib3", "redis"):
         logging.getLogger(noisy).setLevel(max(root.level, logging.WARNING))
+
+
+def _printable_streams() -> None:
+    """Whatever a message holds (a lone surrogate from a forged event, an odd byte in a path), printing
+    it never raises: unencodable characters are shown as escapes."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):  # not a TextIOWrapper (tests' captured streams)
+            pass
+
+
+def no_traceback(plugin_prefix: str | None = None):
+    """A command that never ends in a traceback: an unexpected exception is one line on stderr
+    (``plugin_prefix``: also the plugin's status line on stdout) and exit 3, never exit 1, which
+    Nagios would read as WARNING. ``--log-level DEBUG`` logs where it happened."""
+
+    def deco(f):
+        @functools.wraps(f)
+        def wrapper(*args, **kwargs):
+            try:
+                return f(*args, **kwargs)
+            except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+                raise
+            except Exception as e:
+                logging.getLogger("supervisor").debug("internal error", exc_info=True)
+                what = f"{type(e).__name__}: {redact.scrub(e)}" if str(e) else type(e).__name__
+                if plugin_prefix is not None:
+                    click.echo(f"{plugin_prefix}internal error: {what}")
+                click.echo(f"internal error: {what} (a bug: please report it; --log-level DEBUG shows where)",
+                           err=True)
+                sys.exit(EXIT_UNKNOWN)
+
+        return wrapper
+
+    return deco
+
+
+def _state_problem(e: Exception) -> str:
+    """A StateError as one line that says what to fix."""
+    msg = str(e)
+    return msg if "loop.state_path" in msg else f"{msg} (fix loop.state_path: a file this user can create, read and write)"
 
 
 def load(path: str):
@@ -62,10 +106,12 @@ def main() -> None:
     Exit codes of `once` and `nagios`: 0 healthy, 1 warning, 2 critical, 3 could not observe.
     `check-config` exits 2 on an invalid file.
     """
+    _printable_streams()
 
 
 @main.command("check-config")
 @config_option
+@no_traceback()
 def check_config(config_path: str) -> None:
     """Validate the config file; print every error with its path."""
     cfg = load(config_path)
@@ -75,19 +121,22 @@ def check_config(config_path: str) -> None:
         for p, msg in missing:
             click.echo(f"  {p}: {msg}", err=True)
         sys.exit(EXIT_INVALID_CONFIG)
-    click.echo(f"{config_path}: OK")
-    click.echo(f"  broker: {cfg.broker.display_url}")
-    click.echo(f"  loop: every {cfg.loop.interval:g}s, state at {cfg.loop.state_path}")
+    from supervisor.config import printable
+
+    lines = [f"{config_path}: OK", f"  broker: {cfg.broker.display_url}",
+             f"  loop: every {cfg.loop.interval:g}s, state at {cfg.loop.state_path}"]
     for g in cfg.groups:
         how = f"restart through {g.restart.platform}" if g.restart else "alert only (no restart section)"
         match = ", ".join(g.workers + g.hostnames)
-        click.echo(f"  group {g.name}: {match}; min_workers {g.min_workers}; {how}")
+        lines.append(f"  group {g.name}: {match}; min_workers {g.min_workers}; {how}")
     for q in cfg.queues:
-        click.echo(f"  queue {q.name}: warning {q.warning}, critical {q.critical}, for {q.for_:g}s, "
-                   f"min_consumers {q.min_consumers}")
+        lines.append(f"  queue {q.name}: warning {q.warning}, critical {q.critical}, for {q.for_:g}s, "
+                     f"min_consumers {q.min_consumers}")
     for c in cfg.notify.channels:
-        click.echo(f"  channel {c.name}: {redact.redact_apprise_url(c.url.get_secret_value())} "
-                   f"({', '.join(c.severities)})")
+        lines.append(f"  channel {c.name}: {redact.redact_apprise_url(c.url.get_secret_value())} "
+                     f"({', '.join(c.severities)})")
+    for line in lines:  # names are the user's text: one line each, no escape sequences
+        click.echo(printable(line))
 
 
 def _print_report(report, cfg) -> None:
@@ -135,6 +184,7 @@ def _print_report(report, cfg) -> None:
 @click.option("--dry-run", is_flag=True, help="Execute nothing; print each planned action, its reason and budget.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (workers, queues, findings, actions).")
 @log_option
+@no_traceback()
 def once(config_path: str, dry_run: bool, as_json: bool, log_level: str) -> None:
     """One observe/decide/act pass; exit 0 ok, 1 warning, 2 critical, 3 could not observe."""
     setup_logging(log_level if not as_json else "ERROR")
@@ -153,19 +203,37 @@ def _one_pass(cfg, dry_run: bool, flush: float, on_error: str | None = None, sta
     """One `once` pass. A plugin-style command answers UNKNOWN (3) on an internal error, never a
     traceback and exit 1 (which Nagios would read as WARNING)."""
     from supervisor.loop import Supervisor
-    from supervisor.state import StateError, run_lock
+    from supervisor.state import StateError, StateLocked, run_lock
+
+    def unknown(message: str):
+        if on_error:
+            click.echo(f"{on_error}{message}")
+        click.echo(message, err=True)
+        sys.exit(EXIT_UNKNOWN)
 
     held = None
     if state == "open" and not dry_run:
         try:  # one acting supervisor per state file: a running daemon owns it
             held = run_lock(cfg.loop.state_path)
-        except StateError as e:
+        except StateLocked as e:
             click.echo(f"{e}\nthis pass only plans (as --dry-run): the daemon acts", err=True)
             dry_run = True
+        except StateError as e:  # no daemon holds it: the state file cannot be used at all
+            unknown(_state_problem(e))
+    if state == "open" and dry_run:
+        try:
+            cfg.loop.state_path.exists()
+        except OSError as e:  # a dry run plans without the state it cannot read, and says why
+            click.echo(f"cannot read loop.state_path {cfg.loop.state_path}: {e.strerror or e}: "
+                       "this pass plans without it", err=True)
+            state = None
     try:
         # `once` keeps its restarts, announced alerts and outbox in the state file like the daemon
         # (a cron job does not re-page nor refill budgets); a dry run only reads it; nagios has none
-        sup = Supervisor(cfg, dry_run=dry_run, one_shot=True, state=state)
+        try:
+            sup = Supervisor(cfg, dry_run=dry_run, one_shot=True, state=state)
+        except StateError as e:
+            unknown(_state_problem(e))
         lease = None
         try:
             if not dry_run:  # a running leader (`supervisor run` replicas) acts; this pass then only plans
@@ -182,26 +250,26 @@ def _one_pass(cfg, dry_run: bool, flush: float, on_error: str | None = None, sta
             if lease is not None:
                 lease.stop(release=True)
             sup.close(flush=flush)
-            if held is not None:
-                held.close()
     except Exception as e:
-        logging.getLogger("supervisor").error("internal error: %s", redact.scrub(e), exc_info=True)
-        if on_error:
-            click.echo(f"{on_error}{redact.scrub(e)}")
-        click.echo(f"internal error (could not observe): {redact.scrub(e)}", err=True)
-        sys.exit(3)
+        logging.getLogger("supervisor").debug("internal error", exc_info=True)  # --log-level DEBUG: where
+        what = f"{type(e).__name__}: {redact.scrub(e)}" if str(e) else type(e).__name__
+        unknown(f"internal error (could not observe): {what}")
+    finally:
+        if held is not None:
+            held.close()
 
 
 @main.command()
 @config_option
 @log_option
+@no_traceback(plugin_prefix="CELERY UNKNOWN - ")
 def nagios(config_path: str, log_level: str) -> None:
     """One Nagios plugin line with perfdata. Observes only: restarts and alerts nothing."""
     setup_logging("ERROR" if log_level.upper() == "INFO" else log_level)
     cfg = load(config_path)
     from supervisor.nagios import nagios_line
 
-    report = _one_pass(cfg, dry_run=True, flush=0.0, on_error="CELERY UNKNOWN - internal error: ", state=None)
+    report = _one_pass(cfg, dry_run=True, flush=0.0, on_error="CELERY UNKNOWN - ", state=None)
     click.echo(nagios_line(report, cfg))
     sys.exit(report.exit_code)
 
@@ -224,7 +292,7 @@ def run(config_path: str, log_level: str) -> None:
         click.echo(f"ha.lease {cfg.ha.lease}: {e}", err=True)
         sys.exit(EXIT_INVALID_CONFIG)
     except StateError as e:  # the state file cannot be used, or another daemon holds it
-        click.echo(f"loop.state_path: {e}", err=True)
+        click.echo(_state_problem(e), err=True)
         sys.exit(EXIT_INVALID_CONFIG)
     sys.exit(rc)
 
@@ -271,19 +339,24 @@ def _open_state(cfg, readonly: bool):
     from supervisor.state import StateError, StateStore
 
     path = cfg.loop.state_path
-    if readonly and not path.exists():
+    try:
+        missing = not path.exists()
+    except OSError:  # permission denied on a directory of the path: StateStore says so
+        missing = False
+    if readonly and missing:
         click.echo(f"no state file at {path} (loop.state_path): has `supervisor run` run with this config?", err=True)
-        sys.exit(3)
+        sys.exit(EXIT_UNKNOWN)
     try:
         return StateStore(path, readonly=readonly)
     except StateError as e:
-        click.echo(f"cannot use the state file: {e}", err=True)
-        sys.exit(3)
+        click.echo(_state_problem(e), err=True)
+        sys.exit(EXIT_UNKNOWN)
 
 
 @main.command()
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print the status document as JSON (for scripts).")
+@no_traceback()
 def status(config_path: str, as_json: bool) -> None:
     """What the daemon knows: workers, queues, findings, recent restarts, budgets, silences.
 
@@ -291,11 +364,16 @@ def status(config_path: str, as_json: bool) -> None:
     there is no state or its last cycle is stale (the daemon is not running)."""
     setup_logging("WARNING")
     cfg = load(config_path)
+    import sqlite3
+
     from supervisor.status import document_from_state, render_table
 
     store = _open_state(cfg, readonly=True)
     try:
         doc = document_from_state(cfg, store)
+    except sqlite3.Error as e:  # locked for longer than the busy timeout, damaged, an I/O error
+        click.echo(f"cannot read the state file {cfg.loop.state_path}: {e}", err=True)
+        sys.exit(EXIT_UNKNOWN)
     finally:
         store.close()
     if as_json:

@@ -7,13 +7,14 @@ secret is held as a SecretStr and registered with ``redact`` as it is loaded.
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
 import re
+import shlex
 import string
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -26,7 +27,7 @@ from pydantic import (
 )
 
 from supervisor import redact
-from supervisor.durations import parse_duration
+from supervisor.durations import format_duration, parse_duration
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 PLATFORM_KINDS = ("cloudfoundry", "docker", "kubernetes", "systemd", "local")
@@ -37,15 +38,70 @@ PLATFORM_REQUIREMENTS = {
     "kubernetes": ("kubernetes", "kubernetes"),
 }
 PLACEHOLDERS = {"hostname", "worker", "node"}
+SAMPLE_HOSTNAME = "celery@sample-1"  # templates must render for it (check-config)
+MAX_COUNT = 1_000_000_000  # counts and thresholds (min_workers, warning, ...): beyond it, a typo
+MAX_PING_TIMEOUT = 10.0  # a live worker answers a targeted ping in milliseconds
+MAX_CONNECT_TIMEOUT = 60.0
+PATH_MAX_BYTES = 4095  # Linux PATH_MAX (4096 with the NUL)
+NAME_MAX_BYTES = 255  # one file or directory name
+STATE_NAME_MAX_BYTES = 200  # state_path's own name: the supervisor adds .lock, -wal, .corrupt-<time> to it
+
+
+def _check_path(v, *, name_max: int = NAME_MAX_BYTES):
+    """A file system path the supervisor will open: no NUL, within Linux's limits."""
+    if v is None:
+        return v
+    text = str(v)
+    if not text.strip():
+        raise ValueError("must not be empty")
+    if "\0" in text:
+        raise ValueError("holds a NUL character")
+    raw = os.fsencode(text)
+    if len(raw) > PATH_MAX_BYTES:
+        raise ValueError(f"is {len(raw)} bytes long: a path holds at most {PATH_MAX_BYTES} bytes")
+    names = [n for n in raw.split(b"/") if n]
+    longest = max(names[:-1], key=len, default=b"")
+    if len(longest) > NAME_MAX_BYTES:
+        raise ValueError(f"has a directory name of {len(longest)} bytes: a name holds at most {NAME_MAX_BYTES}")
+    if names and len(names[-1]) > name_max:
+        raise ValueError(f"its file name is {len(names[-1])} bytes long: at most {name_max} here")
+    return v
+
+
+def _switch(on: str, off: str):
+    """YAML 1.1 reads an unquoted on/off/yes/no/true/false as a boolean: take it as the switch meant."""
+    def conv(v):
+        if v is True:
+            return on
+        if v is False:
+            return off
+        return v
+    return conv
 
 
 class ConfigError(Exception):
     """An invalid or unreadable config: ``errors`` are (path, reason) pairs."""
 
     def __init__(self, errors: list[tuple[str, str]], source: str = ""):
-        self.errors = errors
-        self.source = source
+        # printable whatever went wrong: a lone surrogate in a key or value must not make the
+        # message itself unprintable (UnicodeEncodeError when it is shown)
+        self.errors = [(_printable(p), _printable(m)) for p, m in errors]
+        self.source = _printable(source)
+        errors = self.errors
         super().__init__("\n".join(f"{p}: {m}" if p else m for p, m in errors))
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(text: object) -> str:
+    """One printable line whatever the text holds: a lone surrogate, a newline or an escape sequence
+    in a key or value is shown as its escape (never breaks the line, never talks to the terminal)."""
+    s = str(text).encode("utf-8", "backslashreplace").decode("utf-8")
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), s)
+
+
+_printable = printable
 
 
 def _unique_names(items: list, what: str) -> list:
@@ -63,43 +119,101 @@ class _Model(BaseModel):
 # ---------------------------------------------------------------- broker
 class BrokerConfig(_Model):
     url: SecretStr
-    transport_options: dict[str, Any] = Field(default_factory=dict)
+    transport_options: dict[str, Any] = Field(default_factory=dict, validate_default=True)
     management_url: SecretStr | None = None
-    connect_timeout: Duration = Field(3.0, ge=0.5)  # connecting / one broker round trip; "could not observe" after
+    connect_timeout: Duration = Field(3.0, ge=0.5, le=MAX_CONNECT_TIMEOUT)  # connecting / one broker round trip; "could not observe" after
 
     @field_validator("url")
     @classmethod
     def _scheme(cls, v: SecretStr) -> SecretStr:
         url = v.get_secret_value()
-        scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-        allowed = ("redis", "rediss", "amqp", "amqps", "pyamqp", "filesystem", "memory")
-        if scheme not in allowed:
-            raise ValueError("broker url must start with redis://, rediss://, amqp:// or amqps://")
+        schemes = [_url_scheme(part) for part in url.split(";")]
+        if schemes[0] not in BROKER_SCHEMES:
+            raise ValueError("broker url must start with one of "
+                             + ", ".join(f"{s}://" for s in BROKER_SCHEMES))
+        if schemes[0] == "sentinel" and any(s != "sentinel" for s in schemes):
+            # kombu's form: every sentinel of the group, each as its own URL, joined by ';'
+            raise ValueError("a Redis Sentinel url lists sentinels only: "
+                             "sentinel://host:26379;sentinel://host2:26379")
+        return v
+
+    @field_validator("transport_options")
+    @classmethod
+    def _sentinel_master(cls, v: dict[str, Any], info) -> dict[str, Any]:
+        url = info.data.get("url")
+        if url is not None and _url_scheme(url.get_secret_value()) == "sentinel" and not (v or {}).get("master_name"):
+            raise ValueError("a sentinel:// broker needs master_name here: the name the sentinels monitor "
+                             "the master under, as in the Celery app's broker_transport_options")
         return v
 
     @property
     def scheme(self) -> str:
-        return self.url.get_secret_value().split("://", 1)[0].lower()
+        return _url_scheme(self.url.get_secret_value())
 
     @property
     def is_redis(self) -> bool:
-        return self.scheme in ("redis", "rediss")
+        """Any Redis kombu's redis transport speaks to: TCP, TLS, a unix socket, or the master a
+        Sentinel names (observed alike: heartbeats, ping, queue lengths, the lease)."""
+        return self.scheme in REDIS_SCHEMES
 
     @property
     def display_url(self) -> str:
-        return redact.redact_url(self.url.get_secret_value())
+        # sentinel://h1:26379;sentinel://h2:26379 is several URLs: each is shown without its password
+        return ";".join(redact.redact_url(part) for part in self.url.get_secret_value().split(";"))
+
+
+# redis+socket:///path/redis.sock is kombu's redis transport over a unix socket; sentinel:// asks the
+# sentinels for the master of transport_options.master_name
+REDIS_SCHEMES = ("redis", "rediss", "redis+socket", "sentinel")
+BROKER_SCHEMES = (*REDIS_SCHEMES, "amqp", "amqps", "pyamqp", "filesystem", "memory")
+
+
+def _url_scheme(url: str) -> str:
+    return url.split("://", 1)[0].strip().lower() if "://" in url else ""
 
 
 class LoopConfig(_Model):
     interval: Duration = 5.0
     state_path: Path = Path("./supervisor-state.db")
-    ping_timeout: Duration = Field(1.0, ge=0.1)  # how long a targeted ping waits for replies
+    # how long a targeted ping (and the consumers' active_queues) waits for replies: at most 10s and
+    # never longer than interval (a tick would otherwise outlast its interval, and `once` wait as long)
+    ping_timeout: Duration = Field(1.0, ge=0.1)
 
     @field_validator("interval")
     @classmethod
     def _positive(cls, v: float) -> float:
         if v < 0.1:
             raise ValueError("interval must be at least 100ms")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_ping_within_interval(cls, data: Any) -> Any:
+        # the default ping_timeout (1s) shrinks to a shorter interval; a ping_timeout one sets is checked
+        if isinstance(data, dict) and "ping_timeout" not in data and "interval" in data:
+            try:
+                interval = parse_duration(data["interval"])
+            except ValueError:
+                return data
+            if 0.1 <= interval < 1.0:
+                data = {**data, "ping_timeout": interval}
+        return data
+
+    @field_validator("state_path", mode="before")
+    @classmethod
+    def _state_path(cls, v: Any) -> Any:
+        return _check_path(v, name_max=STATE_NAME_MAX_BYTES) if isinstance(v, (str, Path)) else v
+
+    @field_validator("ping_timeout")
+    @classmethod
+    def _ping_bounded(cls, v: float, info) -> float:
+        if v > MAX_PING_TIMEOUT:
+            raise ValueError(f"ping_timeout must be at most {MAX_PING_TIMEOUT:g}s: a live worker answers a "
+                             "targeted ping within milliseconds, a longer wait only slows every tick and `once`")
+        interval = info.data.get("interval")
+        if interval is not None and v > interval:
+            raise ValueError(f"ping_timeout ({format_duration(v)}) must not be longer than interval "
+                             f"({format_duration(interval)}): a tick would wait longer for replies than it lasts")
         return v
 
 
@@ -116,7 +230,7 @@ class ChannelConfig(_Model):
 
 class NotifyConfig(_Model):
     channels: list[ChannelConfig] = Field(default_factory=list)
-    repeat_every: Duration = 4 * 3600.0
+    repeat_every: Annotated[float, BeforeValidator(lambda v: 0.0 if v is False else parse_duration(v))] = 4 * 3600.0  # 0/off: never
     send_resolved: bool = True
     retry: list[Duration] = Field(default_factory=lambda: [5.0, 30.0, 120.0, 600.0])  # waits between attempts
 
@@ -129,6 +243,11 @@ class NotifyConfig(_Model):
 # ---------------------------------------------------------------- platforms (connection settings)
 class LocalPlatform(_Model):
     run_dir: Path | None = None  # pid files and worker output; default: next to state_path
+
+    @field_validator("run_dir", mode="before")
+    @classmethod
+    def _path(cls, v: Any) -> Any:
+        return _check_path(v) if isinstance(v, (str, Path)) else v
 
 
 class SystemdPlatform(_Model):
@@ -191,25 +310,48 @@ class PlatformsConfig(_Model):
 
 
 # ---------------------------------------------------------------- groups and restarts
+def _fields(v: str, what: str = "template") -> list[str]:
+    """The placeholder names of a template; ValueError for a format spec or conversion: placeholders
+    are plain substitutions ({hostname:>9999999} would make a 10 MB name, {hostname:d} never renders)."""
+    try:
+        parsed = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(v) if f is not None]
+    except ValueError as e:
+        raise ValueError(f"invalid {what} {v!r}: {e} (write {{{{ and }}}} for literal braces)") from None
+    for f, spec, conv in parsed:
+        if spec or conv:
+            shown = f"{{{f}{'!' + conv if conv else ''}{':' + spec if spec else ''}}}"
+            raise ValueError(f"{shown}: a placeholder is a plain substitution, write {{{f}}} "
+                             "(no format spec or !conversion)")
+    return [f for f, _, _ in parsed]
+
+
+def _sample(template: str) -> str:
+    worker, _, node = SAMPLE_HOSTNAME.partition("@")
+    try:
+        return template.format(hostname=SAMPLE_HOSTNAME, worker=worker, node=node)
+    except (ValueError, KeyError, IndexError, AttributeError, TypeError) as e:
+        raise ValueError(f"the template does not render for {SAMPLE_HOSTNAME}: {e}") from None
+
+
 def _check_template(v: str | None) -> str | None:
     if v is None:
         return v
-    try:
-        names = {f for _, f, _, _ in string.Formatter().parse(v) if f is not None}
-    except ValueError as e:
-        raise ValueError(f"invalid template {v!r}: {e}") from None
+    if "\0" in v:
+        raise ValueError("holds a NUL character")
+    names = set(_fields(v))
     bad = sorted(n for n in names if n not in PLACEHOLDERS)
     if bad:
         raise ValueError(
             f"unknown placeholder {{{bad[0]}}}: use {{hostname}}, {{worker}} or {{node}} "
             "(write {{ and }} for literal braces)"
         )
+    _sample(v)
     return v
 
 
 class _RestartBase(_Model):
     target: str | None = None
-    max_restarts: int = Field(3, ge=0)
+    max_restarts: int = Field(3, ge=0, le=MAX_COUNT)
     window: Duration = 30 * 60.0
     backoff: Duration = 30.0  # doubles per restart in the window, capped at the window
     grace: Duration = 60.0  # after a restart, do not judge the worker for this long
@@ -226,6 +368,36 @@ class LocalRestart(_RestartBase):
     target: str  # the command line, e.g. "celery -A proj worker -n {hostname} --pool prefork"
     cwd: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("target")
+    @classmethod
+    def _command(cls, v: str) -> str:
+        # split as the adapter does (POSIX shell words, no shell), then each word filled
+        try:
+            words = shlex.split(v)
+        except ValueError as e:
+            raise ValueError(f"the command cannot be split into words: {str(e).lower()} "
+                             "(quote as a POSIX shell would)") from None
+        if not words:
+            raise ValueError("the command is empty")
+        for w in words:
+            _sample(w)
+        return v
+
+    @field_validator("cwd")
+    @classmethod
+    def _cwd(cls, v: str | None) -> str | None:
+        return _check_path(v)
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, value in v.items():
+            if not name or "=" in name or "\0" in name:
+                raise ValueError(f"{name!r} is not an environment variable name (no '=', not empty)")
+            if "\0" in value:
+                raise ValueError(f"the value of {name} holds a NUL character")
+        return v
 
 
 class SystemdRestart(_RestartBase):
@@ -286,10 +458,7 @@ class CloudFoundryRestart(_RestartBase):
     @field_validator("instance")
     @classmethod
     def _instance_pattern(cls, v: str) -> str:
-        try:
-            names = [f for _, f, _, _ in string.Formatter().parse(v) if f is not None]
-        except ValueError as e:
-            raise ValueError(f"invalid instance pattern {v!r}: {e}") from None
+        names = _fields(v, "instance pattern")
         bad = sorted(n for n in names if n not in ("app", "index"))
         if bad:
             raise ValueError(f"unknown placeholder {{{bad[0]}}} in instance pattern: use {{index}}, {{app}} and *")
@@ -318,7 +487,7 @@ class GroupConfig(_Model):
     name: str = Field(min_length=1)
     hostnames: list[str] = Field(default_factory=list)  # globs over Celery hostnames
     workers: list[str] = Field(default_factory=list)  # explicit hostnames that must exist
-    min_workers: int = Field(0, ge=0)
+    min_workers: int = Field(0, ge=0, le=MAX_COUNT)
     queues: list[str] = Field(default_factory=list)
     heartbeat_timeout: Duration = 10.0
     hung_timeout: Duration = 600.0
@@ -348,10 +517,10 @@ class GroupConfig(_Model):
 
 class QueueConfig(_Model):
     name: str = Field(min_length=1)
-    warning: int | None = Field(None, ge=0)
-    critical: int | None = Field(None, ge=0)
+    warning: int | None = Field(None, ge=0, le=MAX_COUNT)
+    critical: int | None = Field(None, ge=0, le=MAX_COUNT)
     for_: Duration = Field(0.0, alias="for")
-    min_consumers: int = Field(0, ge=0)
+    min_consumers: int = Field(0, ge=0, le=MAX_COUNT)
 
     @model_validator(mode="after")
     def _order(self) -> QueueConfig:
@@ -375,7 +544,8 @@ class HttpConfig(_Model):
 
 
 class HaConfig(_Model):
-    lease: Literal["auto", "kubernetes", "off"] = "auto"
+    # YAML reads an unquoted off/no/false as false: that is "off"; on/yes/true is "auto"
+    lease: Annotated[Literal["auto", "kubernetes", "off"], BeforeValidator(_switch("auto", "off"))] = "auto"
     lease_ttl: Duration = Field(15.0, ge=1.0)
     # the lease's name: replicas of one deployment share it (default: derived from the group names,
     # so that supervisors of different fleets on one broker do not stand by for each other)
@@ -440,7 +610,10 @@ class Config(_Model):
         return {g.restart.platform for g in self.groups if g.restart is not None}
 
     def secrets(self) -> list[str]:
-        """Every secret value in the config (for redaction)."""
+        """Every secret value in the config (for redaction): the broker, management and Apprise URLs,
+        the CF password and client secret, the broker's transport options whose key names a secret
+        (sentinel_kwargs.password), and each restart.env value that is a secret by the rule of
+        ``redact.env_value_is_secret``."""
         out = [self.broker.url.get_secret_value()]
         if self.broker.management_url:
             out.append(self.broker.management_url.get_secret_value())
@@ -448,6 +621,10 @@ class Config(_Model):
         cf = self.platforms.cloudfoundry
         if cf:
             out += [s.get_secret_value() for s in (cf.password, cf.client_secret) if s]
+        out += redact.named_secrets(self.broker.transport_options)
+        for g in self.groups:
+            env = getattr(g.restart, "env", None) or {}
+            out += [v for k, v in env.items() if redact.env_value_is_secret(k, v)]
         return out
 
 
@@ -505,6 +682,8 @@ def _reason(err: dict) -> str:
         return "required"
     if err["type"] == "union_tag_invalid":
         return f"unknown platform: use one of {', '.join(PLATFORM_KINDS)}"
+    if err["type"] in ("path_type", "path_parsing"):
+        return "must be a path (text)"
     if err["type"] == "union_tag_not_found":
         return f"platform is required: one of {', '.join(PLATFORM_KINDS)}"
     return msg.removeprefix("Value error, ")
@@ -518,27 +697,214 @@ def parse_config(data: Any, env: dict[str, str] | os._Environ | None = None, sou
         raise ConfigError([("", "the config must be a mapping (key: value) at the top level")], source)
     errors: list[tuple[str, str]] = []
     data = interpolate(data, os.environ if env is None else env, errors=errors)
+    bad_text = _text_errors(data)
+    if bad_text:  # nothing else is checked: other messages could quote the text, which cannot be printed
+        raise ConfigError(errors + bad_text, source)
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
         errors += [(_loc(err["loc"]), _reason(err)) for err in e.errors(include_input=False, include_url=False)]
         cfg = None
     errors += _channel_url_errors(data)
+    errors += _broker_errors(data, errors)
     if cfg is not None:
         errors += _cross_checks(cfg)
     if errors:
         _register_raw_secrets(data)
         # a value that failed validation may still be a secret: scrub the messages too
         raise ConfigError([(p, redact.scrub(m)) for p, m in errors], source)
+    # every secret the config holds, in every form it may be printed (redact.register_url finds a
+    # password however the URL is written, even one a URL parser rejects)
     redact.register_url(cfg.broker.url.get_secret_value())
     if cfg.broker.management_url:
         redact.register_url(cfg.broker.management_url.get_secret_value())
     for c in cfg.notify.channels:
         redact.register_url(c.url.get_secret_value(), tokens=True)
-    for s in cfg.secrets():
-        if "://" not in s:
-            redact.register_secret(s)
+    for s in redact.named_secrets(cfg.broker.transport_options):
+        redact.register_secret(s)
+    cf = cfg.platforms.cloudfoundry
+    if cf is not None:
+        for secret in (cf.password, cf.client_secret):
+            redact.register_secret(secret.get_secret_value() if secret else None)
+        if cf.client_secret:  # the client credentials an HTTP client sends as Basic auth
+            redact.register_basic(cf.client_id or "cf", cf.client_secret.get_secret_value())
+    for g in cfg.groups:  # restart.env values are secrets by default (redact.env_value_is_secret)
+        for name, value in (getattr(g.restart, "env", None) or {}).items():
+            redact.register_env(name, value)
     return cfg
+
+
+def _text_errors(data: Any, path: str = "") -> list[tuple[str, str]]:
+    """Strings that are not text (a lone surrogate: a \\uD800-\\uDFFF escape in YAML, or an undecodable
+    byte from an environment variable): accepted, they would fail later when printed or sent."""
+    why = ("is not valid text: it holds a lone surrogate (a \\uD800-\\uDFFF escape without its pair, or an "
+           "undecodable byte from an environment variable)")
+
+    def bad(text: str) -> bool:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+
+    out: list[tuple[str, str]] = []
+    if isinstance(data, dict):
+        for k, v in data.items():
+            p = f"{path}.{k}" if path else str(k)
+            if isinstance(k, str) and bad(k):
+                out.append((p, f"this key {why}"))
+            out += _text_errors(v, p)
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            out += _text_errors(v, f"{path}.{i}" if path else str(i))
+    elif isinstance(data, str) and bad(data):
+        out.append((path, why))
+    return out
+
+
+# ---------------------------------------------------------------- broker URL and transport options
+SSL_CERT_REQS = ("CERT_REQUIRED", "CERT_OPTIONAL", "CERT_NONE", "required", "optional", "none")
+
+
+def _broker_errors(data: dict, errors: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """What kombu would fail on only when the daemon connects: checked here, for check-config."""
+    broker = data.get("broker")
+    if not isinstance(broker, dict):
+        return []
+    out: list[tuple[str, str]] = []
+    url = broker.get("url")
+    if isinstance(url, str) and not any(p == "broker.url" for p, _ in errors):
+        out += [("broker.url", m) for m in _broker_url_problems(url)]
+    opts = broker.get("transport_options")
+    if isinstance(opts, dict):
+        out += [(f"broker.transport_options.{k}", m) for k, m in transport_option_problems(opts)]
+    return out
+
+
+def _broker_url_problems(url: str) -> list[str]:
+    """Each ';'-separated URL (kombu's failover list, and the sentinels of sentinel://) as kombu reads
+    it. The messages never quote the URL: it may hold a password."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    out: list[str] = []
+    for part in (p.strip() for p in url.split(";")):
+        if "://" not in part:
+            continue
+        scheme = part.split("://", 1)[0].lower()
+        if scheme in ("memory", "filesystem"):
+            continue
+        try:
+            u = urlsplit(part)
+        except ValueError:
+            out.append("is not a URL (check the brackets of an IPv6 address)")
+            continue
+        if "+" not in scheme:  # redis+socket:///path/redis.sock names a socket: no host, no port
+            if "@" not in u.netloc and "@" in f"{u.path}?{u.query}#{u.fragment}":
+                out.append("the URL has an @ after its host: a password holding #, / or ? must be "
+                           "URL-encoded (%23, %2F, %3F)")
+                continue
+            try:
+                port = u.port
+            except ValueError:
+                digits = u.netloc.rpartition("@")[2].rpartition(":")[2].isdigit()
+                out.append("the port must be a number from 1 to 65535" + ("" if digits else
+                           " (a password holding #, / or ? must be URL-encoded: %23, %2F, %3F)"))
+                continue
+            if port == 0:
+                out.append("the port must be a number from 1 to 65535")
+                continue
+        try:
+            query = parse_qsl(u.query, keep_blank_values=True)
+        except ValueError:
+            query = []
+        for k, v in query:
+            if k == "ssl_cert_reqs" and v not in SSL_CERT_REQS:
+                out.append(f"ssl_cert_reqs must be one of {', '.join(SSL_CERT_REQS)}")
+        if not out and "+" not in scheme:  # h5: kombu's Connection does not parse_url redis+socket:// URLs
+            try:
+                from kombu.utils.url import parse_url
+
+                parse_url(part)
+            except Exception as e:  # what kombu itself cannot read; its message may quote the URL
+                out.append(f"kombu cannot read this URL ({type(e).__name__})")
+    return out
+
+
+_TEXT = "text"
+_SECONDS = "seconds"
+_COUNT = "count"
+_FLAG = "flag"
+_MAPPING = "mapping"
+# kombu's redis (and sentinel) channel options and the virtual transport's, with the type kombu needs;
+# others are passed through unchecked (another transport may take them). None: kombu's default.
+TRANSPORT_OPTION_TYPES: dict[str, tuple[str, bool]] = {  # name -> (type, None allowed)
+    "sep": (_TEXT, False), "global_keyprefix": (_TEXT, False), "master_name": (_TEXT, False),
+    "unacked_key": (_TEXT, False), "unacked_index_key": (_TEXT, False), "unacked_mutex_key": (_TEXT, False),
+    "body_encoding": (_TEXT, False), "deadletter_queue": (_TEXT, True), "client_name": (_TEXT, True),
+    "ack_emulation": (_FLAG, False), "fanout_patterns": (_FLAG, False), "socket_keepalive": (_FLAG, True),
+    "retry_on_timeout": (_FLAG, False), "sentinel_fanout_compat": (_FLAG, False),
+    "confirm_publish": (_FLAG, False),
+    "visibility_timeout": (_SECONDS, False), "unacked_mutex_expire": (_SECONDS, False),
+    "unacked_restore_interval": (_SECONDS, True), "unacked_restore_throttle": (_SECONDS, True),
+    "socket_timeout": (_SECONDS, True), "socket_connect_timeout": (_SECONDS, True),
+    "health_check_interval": (_SECONDS, False), "polling_interval": (_SECONDS, True),
+    "interval_start": (_SECONDS, False), "interval_step": (_SECONDS, False), "interval_max": (_SECONDS, False),
+    "max_connections": (_COUNT, True), "max_retries": (_COUNT, True), "min_other_sentinels": (_COUNT, False),
+    "unacked_restore_limit": (_COUNT, True),
+    "sentinel_kwargs": (_MAPPING, True), "socket_keepalive_options": (_MAPPING, True),
+}
+QUEUE_ORDER_STRATEGIES = ("round_robin", "sorted", "priority")
+
+
+def transport_option_problems(opts: dict) -> list[tuple[str, str]]:
+    """(name, reason) for each transport option kombu would choke on (a TypeError inside kombu when
+    the daemon connects, or worse, a wrong key layout for the queue lengths)."""
+    out: list[tuple[str, str]] = []
+    for name, value in opts.items():
+        if name == "priority_steps":
+            if (not isinstance(value, list) or not value
+                    or not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= 255 for n in value)
+                    or value != sorted(set(value))):
+                out.append((name, "must be a list of priorities from 0 to 255 in ascending order, "
+                                  "e.g. [0, 3, 6, 9] (the same as the Celery app's)"))
+            continue
+        if name == "queue_order_strategy":
+            if value not in QUEUE_ORDER_STRATEGIES:
+                out.append((name, f"must be one of {', '.join(QUEUE_ORDER_STRATEGIES)}"))
+            continue
+        if name == "fanout_prefix":
+            if not isinstance(value, (bool, str)):
+                out.append((name, "must be true, false or a prefix (text)"))
+            continue
+        if name not in TRANSPORT_OPTION_TYPES:
+            continue
+        kind, nullable = TRANSPORT_OPTION_TYPES[name]
+        if value is None:
+            if not nullable:
+                out.append((name, f"must not be null ({_KIND_TEXT[kind]})"))
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = {
+            _TEXT: isinstance(value, str),
+            _FLAG: isinstance(value, bool),
+            _SECONDS: number and math.isfinite(value) and 0 <= value <= 365 * 86400,
+            _COUNT: number and isinstance(value, int) and 0 <= value <= MAX_COUNT,
+            _MAPPING: isinstance(value, dict),
+        }[kind]
+        if not ok:
+            out.append((name, f"must be {_KIND_TEXT[kind]}"))
+        elif name == "max_connections" and value < 1:
+            out.append((name, "must be at least 1"))
+    return out
+
+
+_KIND_TEXT = {
+    _TEXT: "text (quote it in YAML)",
+    _FLAG: "true or false",
+    _SECONDS: "a number of seconds from 0 to 31536000 (kombu takes no units such as 10s)",
+    _COUNT: f"a whole number from 0 to {MAX_COUNT}",
+    _MAPPING: "a mapping (key: value)",
+}
 
 
 def _channel_url_errors(data: dict) -> list[tuple[str, str]]:
@@ -588,38 +954,29 @@ def _cross_checks(cfg: Config) -> list[tuple[str, str]]:
 
 def load_config(path: str | os.PathLike, env: dict[str, str] | None = None) -> Config:
     """Read and validate a config file. Raises ConfigError (never a traceback) on any problem."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError([("", f"config file {str(p)!r} does not exist")], str(p)) from None
-    except IsADirectoryError:
-        raise ConfigError([("", f"config file {str(p)!r} is a directory")], str(p)) from None
-    except PermissionError:
-        raise ConfigError([("", f"config file {str(p)!r} is not readable (permission denied)")], str(p)) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError([("", f"cannot read config file {str(p)!r}: {e}")], str(p)) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        where = ""
-        mark = getattr(e, "problem_mark", None)
-        if mark is not None:
-            where = f"line {mark.line + 1}, column {mark.column + 1}: "
-        problem = getattr(e, "problem", None) or "invalid YAML"
-        raise ConfigError([("", f"{where}{problem}")], str(p)) from None
-    return parse_config(data, env, source=str(p))
+    from supervisor.config_file import FileProblem, read_yaml
+
+    source = os.fsdecode(path)
+    try:  # a regular file of at most 1 MiB, YAML within limits (supervisor/config_file.py)
+        data = read_yaml(path)
+    except FileProblem as e:
+        raise ConfigError([("", str(e))], source) from None
+    return parse_config(data, env, source=source)
 
 
 def _register_raw_secrets(data):
+    # whatever the types: this runs on a config that failed validation (notify: {channels: 5})
     def get(d, *ks):
         for k in ks:
             d = d.get(k) if isinstance(d, dict) else None
         return d if isinstance(d, str) else None
+    if not isinstance(data, dict):
+        return
     for u in (get(data, "broker", "url"), get(data, "broker", "management_url")):
         redact.register_url(u)
     notify = data.get("notify") if isinstance(data.get("notify"), dict) else {}
-    for c in notify.get("channels") or []:
+    channels = notify.get("channels")
+    for c in channels if isinstance(channels, list) else []:
         if isinstance(c, dict) and isinstance(c.get("url"), str):
             redact.register_url(c["url"], tokens=True)
     for k in ("password", "client_secret"):

@@ -64,6 +64,12 @@ class Daemon:
         # the holder id persists in the state file: a leader restarted after a crash resumes its lease
         holder = self.sup.state.replica_id() if self.sup.state is not None else None
         self.lease = make_lease(cfg, holder=holder)  # LeaseError (a clear message) when it cannot be set up
+        if self.lease is not None and self.sup.state is not None:
+            # who pages a broker outage when the lease store (the broker's Redis) cannot be reached
+            # goes by what this replica last saw of the lease, in an earlier run too
+            state = self.sup.state
+            self.lease.remember(state.load_memory().get("lease"))
+            self.lease.on_change = lambda memory: state.save({"lease": memory})
         self.sup.lease = self.lease
         self._sup_kwargs = supervisor_kwargs
         self.stopping = threading.Event()
@@ -158,8 +164,16 @@ class Daemon:
                  len(cfg.notify.channels))
         if self.lease is not None:  # first attempt now: a lone replica acts on its first tick
             leading = self.lease.start()
-            log.info("ha: %s (%s, ttl %s)", "leader" if leading else "standby, the leader acts",
-                     self.lease.where(), fd(self.lease.ttl))
+            if leading:
+                role = "leader"
+            elif self.lease.store_error is None:
+                role = "standby, the leader acts"
+            elif self.lease.may_alert():
+                role = "lease store unreachable: this replica restarts nothing and pages a broker outage"
+            else:
+                role = (f"lease store unreachable: this replica restarts nothing and pages nothing "
+                        f"({self.lease.seen_holder} led when last seen)")
+            log.info("ha: %s (%s, ttl %s)", role, self.lease.where(), fd(self.lease.ttl))
         if cfg.http.listen:  # HttpError (port in use, ...): run_daemon exits 2 naming http.listen
             self.http = self._http_server(cfg.http.listen).start()
         if self.sd.watchdog_enabled:
@@ -327,7 +341,7 @@ def status_line(report, sup) -> str:
     if not obs.broker_ok:
         head = f"broker unreachable: {obs.broker_error}"
     else:
-        alive = sum(v.status == "alive" for v in d.verdicts)
+        alive = sum(v.alive for v in d.verdicts)
         firing = sum(st.state == "firing" for st in d.states.values())
         head = f"{alive}/{len(d.verdicts)} workers alive, {firing} firing"
     role = "" if sup.lease is None else ("; leader" if sup.acting() else "; standby")

@@ -6,6 +6,7 @@ import math
 import re
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+MAX_SECONDS = 365 * 86400.0  # no setting means more than a year; beyond it sleeps and timers overflow
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 
 
@@ -14,9 +15,14 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 500ms, 10s, 5m, 1h or a number of seconds")
     if isinstance(value, (int, float)):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int too large for a float
+            seconds = math.inf
     elif isinstance(value, str):
         text = value.strip().lower().replace(" ", "")
+        if len(text) > 100:
+            raise ValueError("invalid duration: use 500ms, 10s, 5m, 1h (or 1h30m), or a number of seconds")
         try:
             seconds = float(text)
         except ValueError:
@@ -32,10 +38,12 @@ def parse_duration(value: object) -> float:
                 ) from None
     else:
         raise ValueError("expected a duration such as 500ms, 10s, 5m, 1h or a number of seconds")
-    if not math.isfinite(seconds):
-        raise ValueError("a duration must be a finite number of seconds")
+    if math.isnan(seconds):
+        raise ValueError("a duration must be a number of seconds, not NaN")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
+    if seconds > MAX_SECONDS:
+        raise ValueError("a duration must be at most 365d")
     return seconds
 
 

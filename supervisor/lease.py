@@ -9,15 +9,27 @@ Every replica observes and decides; only the leader restarts and alerts (``Super
 - ``confirm()`` is one round trip, made just before each restart: is our fencing token still the
   current one? False on any error.
 - A daemon thread acquires or renews every ttl/3 (sooner after an error); it never raises.
-- ``may_alert()``: the leader, or the replica that was the leader when the store became
-  unreachable. With ``ha.lease: auto`` the store is the broker's Redis: when it goes down, the
-  lease can be neither renewed nor taken, and without this nobody would say that the broker is down.
-  Restarts still need ``is_leader()`` and ``confirm()``.
+- ``may_alert()``: the leader; and, while a Redis store (with ``ha.lease: auto``, the broker itself)
+  cannot be reached, the *outage pager*: with the store down the lease can be neither renewed nor
+  taken, and without this nobody would say that the broker is down. Restarts still need
+  ``is_leader()`` and ``confirm()``.
 
-Stores: ``RedisLease`` (ha.lease auto on a redis:// or rediss:// broker: a key in the broker's own
-Redis database) and ``KubernetesLease`` (ha.lease kubernetes: a coordination.k8s.io/v1 Lease, as
-client-go's leader election uses). RabbitMQ has no lease store: ``make_lease`` says so and returns
-None (ha.lease kubernetes, or a single replica).
+Who pages while the store is unreachable (``outage_pager``), so that one replica pages, however
+many there are: the replica that held the lease at its last contact with the store, or that never
+reached the store at all (it knows of no other replica); never one that last saw another replica
+hold it (that one pages). The daemon keeps this in its state file (``remember``/``on_change``), so a
+replica started during an outage goes by what it last saw: two replicas restarted while the broker
+is down page once between them. When the store is back, a replica that did not page waits one ttl
+before taking a free lease, so the one that paged the outage takes it back and sends the RESOLVED.
+What stays open (README, "High availability"): two replicas that have never reached the store both
+page; a replica that led, was down while another took over, and comes back during an outage pages
+beside the new leader; a standby whose leader died with the broker (on the same host) pages
+nothing -- watch the supervisor itself (``/healthz``, ``supervisor nagios``) from elsewhere.
+
+Stores: ``RedisLease`` (ha.lease auto on a Redis broker -- redis://, rediss://, redis+socket://,
+sentinel:// -- a key in the broker's own Redis database) and ``KubernetesLease`` (ha.lease
+kubernetes: a coordination.k8s.io/v1 Lease, as client-go's leader election uses). RabbitMQ has no
+lease store: ``make_lease`` says so and returns None (ha.lease kubernetes, or a single replica).
 """
 
 from __future__ import annotations
@@ -78,7 +90,14 @@ class Lease:
         self.valid_until = 0.0  # clock(): act no later than this
         self.seen_holder: str | None = None  # who holds it, as the store said last time
         self.store_error: str | None = None  # the store could not be reached at the last attempt
-        self._blind_leader = False  # we led when the store became unreachable
+        # while the store is unreachable, this replica pages (it led at its last contact with the store,
+        # or never reached it: it knows of no other replica); False after it saw another one lead
+        self.outage_pager = True
+        self._defer_until: float | None = None  # after an outage we did not page: leave a free lease until
+        self._recovery_defer = False  # set while unreachable as a replica that did not page
+        # persisted by the daemon (state file): what a replica started during an outage goes by
+        self.on_change: Callable[[dict], None] | None = None
+        self._remembered: dict | None = None
         self._role = "starting"  # for logging changes once: leader | standby | unknown
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -106,11 +125,46 @@ class Lease:
         return self.token is not None and self.clock() < self.valid_until
 
     def may_alert(self) -> bool:
-        """The leader alerts. When the store is the broker itself (a Redis lease), the last leader
-        keeps alerting while the store is unreachable: somebody must say the broker is down, and every
-        other finding is frozen meanwhile. A Kubernetes Lease has no such excuse: a replica cut off from
-        the API server while the broker works would page beside the new leader."""
-        return self.is_leader() or (self.kind == "redis" and self._blind_leader and self.store_error is not None)
+        """The leader alerts. When the store is the broker itself (a Redis lease), the outage pager
+        alerts while the store is unreachable: somebody must say the broker is down, and every other
+        finding is frozen meanwhile. A Kubernetes Lease has no such excuse: a replica cut off from the
+        API server while the broker works would page beside the new leader."""
+        return self.is_leader() or (self.kind == "redis" and self.outage_pager and self.store_error is not None)
+
+    # ---------------------------------------------------------------- memory (the daemon's state file)
+    def memory(self) -> dict:
+        """What a later run of this replica goes by if it starts while the store is unreachable."""
+        return {"outage_pager": self.outage_pager, "leader": self.seen_holder, "at": round(time.time(), 3)}
+
+    def remember(self, memory: dict | None) -> None:
+        """Before start(): what this replica last saw of the lease in an earlier run."""
+        if not isinstance(memory, dict) or not isinstance(memory.get("outage_pager"), bool):
+            return
+        self.outage_pager = memory["outage_pager"]
+        leader = memory.get("leader")
+        self._remembered = {"outage_pager": self.outage_pager,
+                            "leader": leader if isinstance(leader, str) else None, "at": memory.get("at")}
+        if self.seen_holder is None and isinstance(leader, str):
+            self.seen_holder = leader
+
+    def _saw(self, pager: bool) -> dict | None:
+        """After a successful round: the memory to persist when it changed (else None)."""
+        self.outage_pager = pager
+        mem = {"outage_pager": pager, "leader": self.seen_holder}
+        last = self._remembered
+        if last is not None and {"outage_pager": last.get("outage_pager"), "leader": last.get("leader")} == mem:
+            return None
+        self._remembered = mem
+        return self.memory()
+
+    def _changed(self, memory: dict | None) -> None:
+        cb = self.on_change
+        if memory is None or cb is None:
+            return
+        try:
+            cb(memory)
+        except Exception as e:  # persisting must never stop the lease
+            log.warning("lease: could not record the lease's state: %s", _err(e))
 
     @property
     def role(self) -> str:
@@ -121,7 +175,8 @@ class Lease:
     def status(self) -> dict:
         """For status documents and /status (no secret)."""
         return {"kind": self.kind, "lease": self.where(), "holder": self.holder, "role": self.role,
-                "token": self.token, "leader": self.seen_holder, "error": self.store_error}
+                "token": self.token, "leader": self.seen_holder, "error": self.store_error,
+                "outage_pager": self.outage_pager}
 
     # ---------------------------------------------------------------- one round trip
     def confirm(self) -> bool:
@@ -135,42 +190,76 @@ class Lease:
             return False
         if holder == self.holder and token == self.token:
             return True
+        changed = None
         with self._lock:
             self._lost(f"the lease is now held by {holder or 'nobody'} (token {token})")
+            if holder is not None and holder != self.holder:
+                self.seen_holder = holder
+                changed = self._saw(False)
+        self._changed(changed)
         return False
 
     def step(self) -> bool:
         """One acquire/renew round; never raises. Returns is_leader() afterwards."""
         with self._lock:
-            t0 = self.clock()
-            try:
-                held, token, seen = self._acquire_or_renew()
-            except Exception as e:
-                self._unreachable(e)
-                return self.is_leader()
-            recovered = self.store_error is not None
-            was = self._role
-            self.store_error = None
-            self._blind_leader = False
-            self.seen_holder = seen
-            if held:
-                if self.token is not None and token != self.token and was == "leader":
-                    log.warning("lease: leadership of %s lost and taken again (token %s -> %s)", self.where(),
-                                self.token, token)
-                self.token = token
-                self.valid_until = t0 + self.ttl - self.margin
-                self._role = "leader"
-                if was != "leader":
-                    log.info("lease: leader now (%s, token %s, holder %s)", self.where(), token, self.holder)
-                elif recovered:
-                    log.info("lease: %s reachable again; still the leader (token %s)", self.where(), token)
+            changed = self._step()
+            leading = self.is_leader()
+        self._changed(changed)
+        return leading
+
+    def _step(self) -> dict | None:
+        t0 = self.clock()
+        try:
+            if self._deferring(t0):
+                held, token, seen = False, None, None
             else:
-                if self.token is not None:
-                    self._lost(f"held by {seen or 'nobody'}")
-                if was != "standby" or recovered:
-                    log.info("lease: standby, %s is held by %s", self.where(), seen or "nobody")
-                self._role = "standby"
-            return self.is_leader()
+                held, token, seen = self._acquire_or_renew()
+        except Exception as e:
+            self._unreachable(e)
+            return None
+        recovered = self.store_error is not None
+        was = self._role
+        self.store_error = None
+        self.seen_holder = seen
+        if held:
+            self._defer_until = None
+            if self.token is not None and token != self.token and was == "leader":
+                log.warning("lease: leadership of %s lost and taken again (token %s -> %s)", self.where(),
+                            self.token, token)
+            self.token = token
+            self.valid_until = t0 + self.ttl - self.margin
+            self._role = "leader"
+            if was != "leader":
+                log.info("lease: leader now (%s, token %s, holder %s)", self.where(), token, self.holder)
+            elif recovered:
+                log.info("lease: %s reachable again; still the leader (token %s)", self.where(), token)
+            return self._saw(True)
+        if self.token is not None:
+            self._lost(f"held by {seen or 'nobody'}")
+        if was != "standby" or recovered:
+            if seen is None and self._defer_until is not None:
+                log.info("lease: %s reachable again and free; left for %.1fs to the replica that paged the "
+                         "outage", self.where(), self._defer_until - t0)
+            else:
+                log.info("lease: standby, %s is held by %s", self.where(), seen or "nobody")
+        self._role = "standby"
+        return self._saw(False) if seen is not None and seen != self.holder else None
+
+    def _deferring(self, now: float) -> bool:
+        """After an outage this replica did not page, a free lease is left alone for one ttl from the
+        moment the store answers again: the replica that paged takes it back (and sends the RESOLVED
+        of its page). True: leave it this round (the store answered: it is free). Raises on a store
+        error."""
+        if self.token is not None or (not self._recovery_defer and self._defer_until is None):
+            return False
+        holder, _ = self._current()  # the store answers: the outage is over
+        if self._recovery_defer:
+            self._recovery_defer = False
+            self._defer_until = now + self.ttl
+        if holder is not None or now >= self._defer_until:
+            self._defer_until = None  # taken (an ordinary standby now), or nobody came: take it
+            return False
+        return True
 
     def _lost(self, why: str) -> None:
         if self.token is not None:
@@ -182,10 +271,20 @@ class Lease:
     def _unreachable(self, e: BaseException) -> None:
         msg = _err(e)
         if self.store_error is None:
-            self._blind_leader = self.is_leader()
-            log.warning("lease: cannot reach %s: %s%s", self.where(), msg,
-                        "; restarts stop when the lease runs out (alerts go on)" if self._blind_leader
-                        else "")
+            if self.is_leader():
+                self.outage_pager = True
+            self._recovery_defer = not self.outage_pager
+            if self.outage_pager:
+                why = ("it leads" if self.is_leader() else
+                       "it knows of no other replica" if self._remembered is None else
+                       "it held the lease when it last reached the store")
+                tail = f"; this replica pages a broker outage ({why}); restarts stop"
+                if self.is_leader():
+                    tail += " when the lease runs out"
+            else:
+                tail = (f"; {self.seen_holder}, the leader when last seen, pages a broker outage; "
+                        "this replica stays quiet")
+            log.warning("lease: cannot reach %s: %s%s", self.where(), msg, tail)
         self.store_error = msg
         if self.token is not None and not self.is_leader():
             log.warning("lease: leadership of %s ran out (token %s): the store is unreachable",
@@ -237,7 +336,10 @@ class Lease:
 
 
 def _err(e: BaseException) -> str:
+    from supervisor.redis_client import sentinel_summary
+
     text = str(e).strip() or type(e).__name__
+    text = sentinel_summary(text) or text
     return redact.scrub(f"{type(e).__name__}: {text}" if type(e).__name__ not in text else text)
 
 
@@ -286,20 +388,24 @@ class RedisLease(Lease):
     kind = "redis"
 
     def __init__(self, url: str, name: str, ttl: float, *, timeout: float = 3.0, key_prefix: str = "",
-                 holder: str | None = None, clock: Callable[[], float] = time.monotonic):
-        import redis
+                 holder: str | None = None, clock: Callable[[], float] = time.monotonic,
+                 transport_options: dict | None = None):
         from redis.backoff import NoBackoff
         from redis.retry import Retry
+
+        from supervisor.redis_client import redis_client
 
         super().__init__(ttl, holder, clock)
         self.name = name
         self.key = f"{key_prefix}celery-supervisor:{name}:leader"
         self.token_key = f"{self.key}:token"
-        self._display = redact.redact_url(url)
+        self._display = ";".join(redact.redact_url(u) for u in url.split(";"))
         timeout = max(0.2, min(float(timeout), self.ttl / 3))
         try:
-            self.redis = redis.Redis.from_url(
-                url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=0,
+            # the broker's own Redis, however the fleet reaches it: TCP, TLS, a unix socket, or the
+            # master its sentinels name (resolved again on every reconnect: a failover moves the lease)
+            self.redis = redis_client(
+                url, transport_options, timeout=timeout, health_check_interval=0,
                 retry=Retry(NoBackoff(), 1),  # one retry: a pooled connection the server closed
             )
         except Exception as e:
@@ -312,7 +418,18 @@ class RedisLease(Lease):
     def where(self) -> str:
         return f"redis key {self.key} on {self._display}"
 
+    def _follow_master(self) -> None:
+        """With Sentinel: ask the sentinels where the master is on every round. A pooled connection
+        to a master that a failover demoted (still up, still writable for a while) would otherwise
+        keep renewing the lease there, while the other replicas, connected to the new master, see
+        it free. A changed address closes the idle connections: the next command goes to the new
+        master. Raises (a store error) when no sentinel names a master."""
+        pool = self.redis.connection_pool
+        if hasattr(pool, "get_master_address"):
+            pool.get_master_address()
+
     def _acquire_or_renew(self):
+        self._follow_master()
         px = int(self.ttl * 1000)
         if self._value is not None:
             ok, cur = self._renew(keys=[self.key], args=[self._value, px])
@@ -344,6 +461,7 @@ class RedisLease(Lease):
         return False, None, holder
 
     def _current(self):
+        self._follow_master()
         return _parse_value(self.redis.get(self.key))
 
     def _release(self) -> None:
@@ -518,7 +636,7 @@ def make_lease(cfg, holder: str | None = None) -> Lease | None:
     if broker.is_redis:
         prefix = str((broker.transport_options or {}).get("global_keyprefix") or "")
         return RedisLease(broker.url.get_secret_value(), name, ha.lease_ttl, timeout=broker.connect_timeout,
-                          key_prefix=prefix, holder=holder)
+                          key_prefix=prefix, holder=holder, transport_options=broker.transport_options)
     if broker.scheme in ("amqp", "amqps", "pyamqp"):
         log.warning("ha.lease auto: a RabbitMQ broker offers no lease store, so this replica acts alone; "
                     "run a single replica, or set ha.lease: kubernetes (a Lease object), "
@@ -533,9 +651,8 @@ def lease_for_one_pass(cfg) -> Lease | None:
     it. The caller stops (and releases) it after the pass."""
     lease = make_lease(cfg)
     if lease is not None:
+        # a pass remembers nothing of earlier ones: when the store (with ha.lease auto: the broker)
+        # is unreachable it is the outage pager, restarts are refused by confirm(), and the pass still
+        # says that the broker is down (a cron `once` may be all there is)
         lease.start()
-        if lease.store_error is not None:
-            # the store (with ha.lease auto: the broker) is unreachable: restarts are refused by
-            # confirm(), but this pass still says so (a cron `once` may be all there is)
-            lease._blind_leader = True
     return lease

@@ -17,12 +17,15 @@ from supervisor import redact
 from supervisor.config import Config, GroupConfig
 from supervisor.decide import Core, Decision
 from supervisor.durations import format_duration as fd
-from supervisor.model import DEAD_STATES, Action, Observation, QueueSeen, Target, Transition, WorkerVerdict
+from supervisor.model import Action, Observation, QueueSeen, Target, Transition, WorkerVerdict
 
 log = logging.getLogger("supervisor")
 LOG_LINES = 30  # lines of a crashed target's output attached to its alert
 ONCE_LISTEN = 2.5  # seconds `once` listens to heartbeats (workers send one every 2 s)
-CONSUMERS_AFTER = 2.5  # count consumers only once we have listened this long
+# the census (one broadcast `inspect active_queues`: which workers live, what each consumes), when a
+# group has globs (workers without heartbeats are found by it) or a Redis queue has min_consumers
+CENSUS_EVERY = 30.0
+CENSUS_SOON = 10.0  # sooner, while a living worker's queues are unknown
 FORGET_AFTER = 3600.0  # a glob-matched worker that left gracefully is forgotten after this long
 
 
@@ -68,6 +71,11 @@ class Supervisor:
         self.app = make_app(cfg.broker)
         self.heartbeats = EventReceiverSource(self.app, clock=clock, on_event=on_event)
         self.queue_reader = QueueReader(cfg.broker, self.app)
+        from supervisor.observe.control import Control
+
+        # pings and the census run off the tick's path; their replies land in the next observation
+        self.control = Control(self.app, cfg.loop.ping_timeout, clock)
+        self._census_asked: float | None = None
         self.notifier = Notifier(cfg.notify)
         self.core = Core(cfg)
         self._own_state = state == "open"
@@ -116,6 +124,7 @@ class Supervisor:
 
     def close(self, flush: float = 5.0) -> None:
         self.heartbeats.stop(timeout=3.0)
+        self.control.close(timeout=1.0)
         try:
             self.queue_reader.close()
         except Exception as e:  # closing must not fail the shutdown
@@ -140,10 +149,10 @@ class Supervisor:
             self.platforms[kind] = load_adapter(kind, self.cfg)
         return self.platforms[kind]
 
-    def _inventory(self, g: GroupConfig, known: list[str]) -> tuple[tuple[Target, ...], str | None]:
+    def _inventory(self, g: GroupConfig, known: list[str], seen: dict) -> tuple[tuple[Target, ...], str | None]:
         try:
             adapter = self.platform(g.restart.platform)
-            return tuple(adapter.inventory(g, known)), None
+            return tuple(adapter.inventory(g, known, seen=seen)), None
         except Exception as e:
             return (), redact.scrub(f"{type(e).__name__}: {e}" if not str(e) else str(e))
 
@@ -151,7 +160,6 @@ class Supervisor:
     def observe(self, broker_error: str | None | bool = False) -> Observation:
         """``broker_error``: the result of a broker check the caller just made (`once`), so that a
         down broker is not waited for twice; False to check here."""
-        from supervisor.observe import control
         from supervisor.observe.celeryapp import BrokerUnreachable, check_broker
 
         cfg = self.cfg
@@ -172,57 +180,67 @@ class Supervisor:
                 continue
             known = sorted({h for h in workers if cfg.group_of(h) is g} | set(g.workers)
                            | self.core.remembered_hostnames(g.name))
-            targets[g.name], e = self._inventory(g, known)
+            targets[g.name], e = self._inventory(g, known, {h: workers[h] for h in known if h in workers})
             if e:
                 perrs[g.name] = e
+        news = self.control.collect()  # replies to the pings and census of earlier ticks
         obs = Observation(
             now=now, broker_ok=err is None, broker_error=err, listening_since=snap.listening_since,
             stream_error=snap.error,
             workers=workers, targets=targets, platform_errors=perrs, one_shot=self.one_shot,
+            pong_at=news.pongs, noreply_at=news.noreplies, worker_queues=news.queues, census_at=news.census_at,
         )
         if err is not None:
             return obs
-        pinged: frozenset[str] = frozenset()
-        pongs: frozenset[str] = frozenset()
         try:
-            sus = self.core.suspects(obs)
-            if sus:
-                pinged = frozenset(sus)
-                pongs = frozenset(control.ping(self.app, sus, cfg.loop.ping_timeout))
-            queues = self._queues(workers, now, obs.targets)
+            # confirmation pings go out in the background: a worker that does not answer costs this
+            # tick nothing; its silence is confirmed in the next observation
+            due = self.core.suspects(obs)
+            if due:
+                self.control.ping(due)
+            if self._census_due(now):
+                self._census_asked = now
+                self.control.census()
+            if self.one_shot and self.control.busy:
+                # `once` has no next tick: it waits for the replies (a round returns as soon as every
+                # worker asked has answered, else after ping_timeout)
+                self.control.wait(cfg.loop.ping_timeout + cfg.broker.connect_timeout + 1.0)
+                more = self.control.collect()
+                obs = replace(obs, pong_at={**obs.pong_at, **more.pongs},
+                              noreply_at={**obs.noreply_at, **more.noreplies},
+                              worker_queues={**obs.worker_queues, **more.queues},
+                              census_at=more.census_at or obs.census_at)
+            queues = self._queues()
         except BrokerUnreachable as e:  # the broker went away mid-tick (anything else is a bug: raise)
             return replace(obs, broker_ok=False, broker_error=redact.scrub(e))
-        return replace(obs, pinged=pinged, pongs=pongs, queues=queues, now=self.clock())
+        return replace(obs, queues=queues, now=self.clock())
 
-    def _queues(self, workers: dict, now: float, targets: dict) -> dict[str, QueueSeen]:
-        from supervisor.observe import control
+    def _census_needed(self) -> bool:
+        cfg = self.cfg
+        return any(g.hostnames for g in cfg.groups) or (
+            cfg.broker.is_redis and any(q.min_consumers for q in cfg.queues))
 
+    def _census_due(self, now: float) -> bool:
+        """At start, every CENSUS_EVERY, and every CENSUS_SOON while a living worker's queues are unknown."""
+        if not self._census_needed():
+            return False
+        if self._census_asked is None:
+            return True
+        since = now - self._census_asked
+        if since >= CENSUS_EVERY:
+            return True
+        d = self.last_report.decision if self.last_report is not None else None
+        if since >= CENSUS_SOON and d is not None and d.obs is not None:
+            return any(v.alive and v.hostname not in d.obs.worker_queues for v in d.verdicts)
+        return False
+
+    def _queues(self) -> dict[str, QueueSeen]:
+        """Queue lengths. RabbitMQ counts consumers itself (passive declare); on Redis the core counts
+        them from what each worker last said it consumes (the census)."""
         cfg = self.cfg
         if not cfg.queues:
             return {}
-        seen = self.queue_reader.read([q.name for q in cfg.queues])
-        listening = self.heartbeats.snapshot().listening_since
-        # RabbitMQ counts consumers itself (passive declare); Redis has no such notion: ask the workers
-        if any(q.min_consumers for q in cfg.queues) and cfg.broker.is_redis:
-            if listening is None or now - listening < CONSUMERS_AFTER:
-                # consumers are counted among the workers we hear: too early to know them all
-                return {n: replace(q, consumers=None) for n, q in seen.items()}
-            def heard(h, w) -> bool:
-                g = cfg.group_of(h)
-                timeout = g.heartbeat_timeout if g is not None else 10.0
-                return bool(w.last_heartbeat) and now - w.last_heartbeat < timeout and w.offline_at is None
-
-            dead = {t.hostname for ts in targets.values() for t in ts if t.state in DEAD_STATES}
-            # asking a worker its platform reports dead would wait out the whole timeout
-            alive = [h for h, w in workers.items() if heard(h, w) and h not in dead]
-            # nobody alive: nobody consumes (and asking would wait the whole timeout for no reply)
-            replies = control.active_queues(self.app, len(alive), cfg.loop.ping_timeout) if alive else {}
-            counts: dict[str, int] = {}
-            for names in replies.values():
-                for n in set(names):
-                    counts[n] = counts.get(n, 0) + 1
-            seen = {n: replace(q, consumers=counts.get(n, 0)) for n, q in seen.items()}
-        return seen
+        return self.queue_reader.read([q.name for q in cfg.queues])
 
     # ------------------------------------------------------------ one tick
     def tick(self, broker_error: str | None | bool = False) -> TickReport:
@@ -240,6 +258,7 @@ class Supervisor:
             try:
                 decision = self.core.decide(obs, silenced=lambda f: any(
                     s.covers(f.group, f.hostname, f.subject) for s in silences))
+                obs = decision.obs or obs  # as judged: the core's memory merged in, consumers counted
                 report = TickReport(obs, decision, platform_errors=dict(obs.platform_errors))
                 details: dict[str, list[str]] = {}
                 for plan in decision.plans:
@@ -416,7 +435,7 @@ class Supervisor:
                 log.warning("restart %s (%s): %s -> %s", a.target, a.hostname, a.reason, a.result)
         for g, e in r.platform_errors.items():
             log.warning("platform of group %s: %s", g, e)
-        alive = sum(v.status == "alive" for v in d.verdicts)
+        alive = sum(v.alive for v in d.verdicts)
         log.debug("tick %d: %d/%d workers alive, %d findings, %d actions, %.3fs", self.ticks, alive,
                   len(d.verdicts), len(d.findings), len(r.actions), r.duration)
 
@@ -428,6 +447,9 @@ class Supervisor:
         err = check_broker(self.app, self.cfg.broker.connect_timeout)
         if err is None:
             self.start()
+            if self._census_needed():  # answered while we listen: no wait of its own
+                self._census_asked = self.clock()
+                self.control.census()
             deadline = time.monotonic() + listen + self.cfg.broker.connect_timeout
             while self.heartbeats.snapshot().listening_since is None and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -473,12 +495,14 @@ def verdict_json(v: WorkerVerdict, obs: Observation) -> dict:
     d = {
         "hostname": v.hostname,
         "group": v.group,
-        "alive": v.status == "alive",
+        "alive": v.alive,  # alive, or busy within hung_timeout
         "status": v.status,
         "reason": v.reason,
         "explicit": v.explicit,
         "last_heartbeat_age": round(obs.now - ws.last_heartbeat, 3) if ws and ws.last_heartbeat else None,
         "active": ws.active if ws else None,
+        # workers without heartbeats are judged by their replies to ping, each with its own time
+        "last_pong_age": round(obs.now - obs.pong_at[v.hostname], 3) if v.hostname in obs.pong_at else None,
     }
     if v.target is not None:
         d["target"] = v.target.id

@@ -6,9 +6,10 @@ or another secret: groups, queues, rules and channels are the names the config g
 ======================================================  =============================================
 metric                                                  meaning
 ======================================================  =============================================
-celery_supervisor_workers{group,status}                 workers per group by verdict: alive, starting,
-                                                        lost, dead, unresponsive, stopping, retired,
-                                                        unknown (every status of every group, 0 too)
+celery_supervisor_workers{group,status}                 workers per group by verdict: alive, busy,
+                                                        starting, lost, dead, unresponsive, stopping,
+                                                        retired, unknown (every status of every
+                                                        group, 0 too)
 celery_supervisor_queue_length{queue}                   messages in the queue (ready + unacked where
                                                         the broker tells); absent while unreadable
 celery_supervisor_queue_ready{queue}                    ready messages, where known

@@ -17,6 +17,9 @@ SEVERITY_RANK: dict[str, int] = {"ok": 0, "info": 0, "warning": 1, "critical": 2
 # What a platform says of a target.
 PlatformState = Literal["running", "exited", "crashed", "restarting", "stopping", "missing", "unknown"]
 DEAD_STATES = frozenset({"exited", "crashed"})
+# verdicts that count as a living worker (group counts, `alive` in JSON): a worker busy within
+# hung_timeout is healthy
+LIVING = frozenset({"alive", "busy"})
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,14 @@ class QueueSeen:
     unacked: int | None = None
     consumers: int | None = None  # None: not measured
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class WorkerQueues:
+    """What a worker last said it consumes (its reply to ``inspect active_queues``)."""
+
+    at: float  # our clock: when the inquiry it answered was sent
+    names: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -75,6 +86,13 @@ class Observation:
     workers: Mapping[str, WorkerSeen] = field(default_factory=dict)
     pinged: frozenset[str] = frozenset()  # hostnames we pinged this tick
     pongs: frozenset[str] = frozenset()  # of those, the ones that answered
+    # Remote control replies with their own time (our clock, when the inquiry was sent), across
+    # ticks: evidence of life for workers that send no heartbeat (--without-heartbeat). The shell
+    # reports what it learned; ``decide.Core`` merges it with what it remembers.
+    pong_at: Mapping[str, float] = field(default_factory=dict)  # last reply to a ping (or inspect)
+    noreply_at: Mapping[str, float] = field(default_factory=dict)  # last ping that got no reply
+    worker_queues: Mapping[str, WorkerQueues] = field(default_factory=dict)  # last active_queues reply
+    census_at: float | None = None  # the last broadcast active_queues that completed (None: none yet)
     queues: Mapping[str, QueueSeen] = field(default_factory=dict)
     targets: Mapping[str, tuple[Target, ...]] = field(default_factory=dict)  # group -> targets
     platform_errors: Mapping[str, str] = field(default_factory=dict)  # group -> error text
@@ -84,10 +102,12 @@ class Observation:
 
 WorkerStatus = Literal[
     "alive",  # heartbeating or answering ping
+    "busy",  # silent and no pong, the platform says it runs, silent for less than hung_timeout (a solo
+    #          pool running a task sends no heartbeat and answers no ping): healthy, counted as alive
     "starting",  # restarted by us, within grace
     "lost",  # silent past heartbeat_timeout, no pong, platform does not say it runs
     "dead",  # the platform reports the target exited / crashed
-    "unresponsive",  # platform says it runs, but silent and no pong (hung, or a busy solo pool)
+    "unresponsive",  # platform says it runs, but silent and no pong for hung_timeout: hung, restarted
     "stopping",  # sent worker-offline, process still running (warm shutdown)
     "retired",  # left gracefully (or its target is gone) and matched only by a glob: not expected back
     "unknown",  # cannot be judged now (broker down, stream just (re)connected)
@@ -101,8 +121,13 @@ class WorkerVerdict:
     status: str  # a WorkerStatus
     reason: str
     explicit: bool = False  # named in the group's `workers`
-    silent_for: float | None = None  # seconds since the last heartbeat (or since we listen)
+    silent_for: float | None = None  # seconds since the last heartbeat or pong (or since we listen)
     target: Target | None = None
+
+    @property
+    def alive(self) -> bool:
+        """A living worker: alive, or busy within hung_timeout."""
+        return self.status in LIVING
 
 
 @dataclass(frozen=True)

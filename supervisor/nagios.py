@@ -18,7 +18,7 @@ def nagios_line(report, cfg: Config) -> str:
     code = report.exit_code
     if code == 3:
         return f"CELERY UNKNOWN - could not observe the broker {cfg.broker.display_url}: {obs.broker_error}"
-    alive = [v for v in d.verdicts if v.status == "alive"]
+    alive = [v for v in d.verdicts if v.alive]  # alive, or busy within hung_timeout
     counted = [v for v in d.verdicts if v.status not in ("retired",)]
     parts = [f"{len(alive)}/{len(counted)} workers alive"]
     bad = [f for f in d.findings if f.severity in ("warning", "critical")]
@@ -27,7 +27,7 @@ def nagios_line(report, cfg: Config) -> str:
         parts.append(f"and {len(bad) - 5} more")
     perf = [f"workers_alive={len(alive)};;;0", f"workers_expected={len(counted)};;;0"]
     for g in cfg.groups:
-        n = sum(v.status == "alive" for v in d.verdicts if v.group == g.name)
+        n = sum(v.alive for v in d.verdicts if v.group == g.name)
         crit = f"{g.min_workers}:" if g.min_workers else ""
         perf.append(f"group_{_label(g.name)}_alive={n};;{crit};0")
     for q in cfg.queues:

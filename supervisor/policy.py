@@ -74,6 +74,7 @@ def wants_restart(v: WorkerVerdict, group: GroupConfig) -> str | None:
     """The rule a verdict would be restarted for, or None."""
     if v.status in RESTARTABLE:
         return "worker_lost"
+    # judged unresponsive only after hung_timeout of silence, confirmed by a ping sent after it
     if v.status == "unresponsive" and v.silent_for is not None and v.silent_for >= group.hung_timeout:
         return "worker_unresponsive"
     return None
@@ -104,7 +105,7 @@ def plan(
             state.groups[g.name] = mode = GroupMode()  # the group is whole again
         if mode.mode == "canary" and mode.canary is not None:
             cv = next((v for v in vs if v.hostname == mode.canary), None)
-            if cv is not None and cv.status == "alive":
+            if cv is not None and cv.alive:
                 mode.mode = "released"
             elif cv is None or cv.status not in ("starting", "unknown"):
                 mode.mode, mode.since = "systemic", now
@@ -115,9 +116,10 @@ def plan(
         for v in vs:
             rule = wants_restart(v, g)
             if rule is None:
-                if v.status == "unresponsive":
-                    state.notes[v.hostname] = (f"silent {fd(v.silent_for)}; restarted only after hung_timeout "
-                                               f"{fd(g.hung_timeout)}")
+                if v.status in ("busy", "unresponsive"):
+                    silent = "silent" if v.silent_for is None else f"silent {fd(v.silent_for)}"
+                    state.notes[v.hostname] = (f"{silent}, its process runs: busy or hung; restarted only after "
+                                               f"hung_timeout {fd(g.hung_timeout)} of silence")
                 continue
             if mode.mode == "systemic":
                 state.notes[v.hostname] = "group failure looks systemic: restarts stopped"

@@ -7,7 +7,7 @@ can be replayed in a unit test from a recorded Observation.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from supervisor.config import Config, GroupConfig
 from supervisor.durations import format_duration as fd
@@ -16,6 +16,7 @@ from supervisor.model import (
     SEVERITY_RANK,
     Finding,
     Observation,
+    QueueSeen,
     RuleState,
     Target,
     Transition,
@@ -30,15 +31,15 @@ Restarts = Mapping[str, tuple[float, str]]
 
 
 def group_hostnames(cfg: Config, group: GroupConfig, obs: Observation) -> list[str]:
-    """The group's explicit workers plus every hostname seen whose first matching group is this one."""
+    """The group's explicit workers plus every hostname seen (heard, on the platform, or answering
+    remote control) whose first matching group is this one."""
     names = dict.fromkeys(h for h in group.workers if cfg.group_of(h) is group)
-    for h in obs.workers:
-        if h not in names and cfg.group_of(h) is group:
-            names[h] = None
     for t in obs.targets.get(group.name, ()):
-        if t.hostname and t.hostname not in names and cfg.group_of(t.hostname) is group:
-            names[t.hostname] = None
-    return sorted(names)
+        if t.hostname:
+            names.setdefault(t.hostname, None)
+    for h in (*obs.workers, *obs.pong_at, *obs.worker_queues, *obs.pongs):
+        names.setdefault(h, None)
+    return sorted(h for h in names if cfg.group_of(h) is group)
 
 
 def target_of(obs: Observation, group: str, hostname: str) -> Target | None:
@@ -48,48 +49,150 @@ def target_of(obs: Observation, group: str, hostname: str) -> Target | None:
     return None
 
 
-def _platform_contradicted(t: Target, ws: WorkerSeen | None, group: GroupConfig, now: float) -> bool:
-    """The platform says the target died, but the worker heartbeated recently and after the death
+def _latest(*ts: float | None) -> float | None:
+    known = [t for t in ts if t is not None]
+    return max(known) if known else None
+
+
+def pong_time(obs: Observation, hostname: str) -> float | None:
+    """When the worker last answered remote control (this tick's ``pongs`` count as now)."""
+    return _latest(obs.pong_at.get(hostname), obs.now if hostname in obs.pongs else None)
+
+
+def noreply_time(obs: Observation, hostname: str) -> float | None:
+    """When a ping to the worker last went unanswered (this tick's unanswered ``pinged``: now)."""
+    this_tick = obs.now if hostname in obs.pinged and hostname not in obs.pongs else None
+    return _latest(obs.noreply_at.get(hostname), this_tick)
+
+
+def last_evidence(obs: Observation, hostname: str) -> float | None:
+    """The last evidence of life: a heartbeat, or a reply to remote control, each with its own time."""
+    ws = obs.workers.get(hostname)
+    return _latest(ws.last_heartbeat if ws else None, pong_time(obs, hostname))
+
+
+def _offline(ws: WorkerSeen | None, pong: float | None) -> bool:
+    """Sent worker-offline after its last heartbeat (and answered nothing since)."""
+    return ws is not None and ws.offline_at is not None and (pong is None or pong < ws.offline_at)
+
+
+def _platform_contradicted(t: Target, last: float | None, offline: bool, group: GroupConfig, now: float) -> bool:
+    """The platform says the target died, but the worker showed life recently and after the death
     the platform saw (or the platform did not witness when it died): a ping decides."""
-    last = ws.last_heartbeat if ws else None
-    if last is None or ws.offline_at is not None or now - last > group.heartbeat_timeout:
+    if last is None or offline or now - last > group.heartbeat_timeout:
         return False
     return t.since is None or last > t.since
 
 
-def _silence(ws: WorkerSeen | None, obs: Observation) -> float | None:
-    """Seconds we have gone without hearing from the worker while able to hear it."""
-    refs = [t for t in ((ws.last_heartbeat if ws else None), obs.listening_since) if t is not None]
-    return obs.now - max(refs) if refs else None
+def _silence(last: float | None, obs: Observation) -> float | None:
+    """Seconds we have gone without evidence of life from the worker while able to hear it."""
+    ref = _latest(last, obs.listening_since)
+    return obs.now - ref if ref is not None else None
+
+
+def _confirm_floor(last: float | None, obs: Observation, restarted_at: float | None) -> float | None:
+    """A ping counts as confirming a silence only if it went out after the worker's last evidence of
+    life, after the stream (re)connected and after our last restart of it."""
+    return _latest(last, obs.listening_since, restarted_at)
+
+
+def _confirmed(noreply: float | None, last: float | None, obs: Observation, restarted_at: float | None) -> bool:
+    if noreply is None:
+        return False
+    if last is not None and noreply <= last:
+        return False
+    floor = _latest(obs.listening_since, restarted_at)
+    return floor is None or noreply >= floor
+
+
+@dataclass(frozen=True)
+class PingNeed:
+    """Why a worker should be pinged, and from when a ping counts (``decide.Core`` rate-limits)."""
+
+    hostname: str
+    kind: str  # confirm (new silence) | recheck (still down) | hung (hung_timeout reached) | refresh
+    after: float  # a ping asked at or after this time serves this need
+    every: float  # at most one ping per this many seconds for this need
+
+
+def ping_needs(cfg: Config, obs: Observation, restarts: Restarts, settle_until: float | None = None) -> list[PingNeed]:
+    """Workers whose judgement needs a ping: silent ones (first confirmation, then re-checks of those
+    that stay down), busy ones reaching hung_timeout (a last confirmation before a restart), and
+    workers that send no heartbeat, whose last pong is getting old (refreshed every
+    heartbeat_timeout / 2, so that they never look silent)."""
+    if not obs.broker_ok or obs.listening_since is None:
+        return []
+    # after a broker outage silence proves nothing for a while (workers reconnect): no confirmation
+    # then, but workers that live on pongs are still asked, so that they are not silent when it ends
+    settling = settle_until is not None and obs.now < settle_until
+    out = []
+    for g in cfg.groups:
+        for h in group_hostnames(cfg, g, obs):
+            need = _ping_need(g, h, obs, restarts)
+            if need is not None and (not settling or need.kind == "refresh"):
+                out.append(need)
+    return out
+
+
+def _ping_need(group: GroupConfig, hostname: str, obs: Observation, restarts: Restarts) -> PingNeed | None:
+    now, ht = obs.now, group.heartbeat_timeout
+    at = restarts.get(hostname, (None, ""))[0]
+    if at is not None and group.restart is not None and now - at < group.restart.grace:
+        return None
+    t = target_of(obs, group.name, hostname)
+    ws = obs.workers.get(hostname)
+    pong = pong_time(obs, hostname)
+    last = last_evidence(obs, hostname)
+    offline = _offline(ws, pong)
+    noreply = noreply_time(obs, hostname)
+    floor = _confirm_floor(last, obs, at)
+    floor = now if floor is None else floor
+    if t is not None and t.state in DEAD_STATES:
+        if _platform_contradicted(t, last, offline, group, now) and not _confirmed(noreply, last, obs, at):
+            # while it answers, ask again every heartbeat_timeout / 2 (not on every tick) until it
+            # does not, or the platform changes its mind
+            since = _latest(obs.listening_since, at)
+            return PingNeed(hostname, "confirm", now if since is None else since, ht / 2)
+        return None  # the platform's word stands: no ping
+    if offline and hostname not in group.workers:
+        return None
+    if obs.one_shot:
+        silent = last is None or offline or now - last > ht
+    else:
+        s = _silence(last, obs)
+        silent = s is not None and s > ht
+    if not silent:
+        # living on pongs (no heartbeat, or heartbeats stopped): ask again before the pong gets old
+        hb = ws.last_heartbeat if ws else None
+        if pong is not None and (hb is None or pong > hb) and now - pong >= ht / 2:
+            return PingNeed(hostname, "refresh", pong + ht / 2, ht / 2)
+        return None
+    if not _confirmed(noreply, last, obs, at):
+        return PingNeed(hostname, "confirm", floor, ht / 2)
+    if obs.one_shot:
+        return None  # confirmed in this pass: nothing to re-check
+    running = t is not None and t.state in ("running", "stopping")
+    s = _silence(last, obs) or 0.0
+    if running and s >= group.hung_timeout:
+        hung_at = now - s + group.hung_timeout
+        if noreply is None or noreply < hung_at:
+            return PingNeed(hostname, "hung", hung_at, ht / 2)
+    # still down (or busy): re-checked at a bounded rate, once per heartbeat_timeout at most
+    return PingNeed(hostname, "recheck", floor, ht)
 
 
 def is_suspect(cfg: Config, group: GroupConfig, hostname: str, obs: Observation, restarts: Restarts) -> bool:
-    """Silent for longer than heartbeat_timeout (not reported dead by its platform, not within the
-    grace of a restart): the loop pings these before judging."""
+    """Silent for longer than heartbeat_timeout and not yet confirmed by a ping (not reported dead by
+    its platform, not within the grace of a restart): the loop pings these before judging."""
     if not obs.broker_ok or obs.listening_since is None:
         return False
-    at = restarts.get(hostname, (None, ""))[0]
-    if at is not None and group.restart is not None and obs.now - at < group.restart.grace:
-        return False
-    t = target_of(obs, group.name, hostname)
-    ws = obs.workers.get(hostname)
-    if t is not None and t.state in DEAD_STATES:
-        return _platform_contradicted(t, ws, group, obs.now)  # only then is a ping needed
-    if ws is not None and ws.offline_at is not None and hostname not in group.workers:
-        return False
-    if obs.one_shot:
-        return ws is None or ws.last_heartbeat is None or obs.now - ws.last_heartbeat > group.heartbeat_timeout
-    s = _silence(ws, obs)
-    return s is not None and s > group.heartbeat_timeout
+    need = _ping_need(group, hostname, obs, restarts)
+    return need is not None and need.kind in ("confirm", "recheck", "hung")
 
 
 def suspects(cfg: Config, obs: Observation, restarts: Restarts, settle_until: float | None = None) -> list[str]:
-    if settle_until is not None and obs.now < settle_until:
-        return []
-    out = []
-    for g in cfg.groups:
-        out += [h for h in group_hostnames(cfg, g, obs) if is_suspect(cfg, g, h, obs, restarts)]
-    return out
+    """Silent workers that a ping must confirm or re-check (no rate limit: ``decide.Core`` applies it)."""
+    return [n.hostname for n in ping_needs(cfg, obs, restarts, settle_until) if n.kind != "refresh"]
 
 
 def judge_worker(
@@ -97,27 +200,37 @@ def judge_worker(
     settle_until: float | None = None,
 ) -> WorkerVerdict:
     now = obs.now
+    ht = group.heartbeat_timeout
     explicit = hostname in group.workers
     ws = obs.workers.get(hostname)
     tgt = target_of(obs, group.name, hostname)
-    silent = _silence(ws, obs)
+    pong = pong_time(obs, hostname)
+    noreply = noreply_time(obs, hostname)
+    last = last_evidence(obs, hostname)  # heartbeat or pong, whichever is later
+    silent = _silence(last, obs)
     v = WorkerVerdict(hostname, group.name, "unknown", "", explicit, silent, tgt)
 
     if not obs.broker_ok:
         return replace(v, reason="broker unreachable: cannot judge")
-    last = ws.last_heartbeat if ws else None
-    offline = ws is not None and ws.offline_at is not None
-    fresh = last is not None and not offline and now - last <= group.heartbeat_timeout
+    offline = _offline(ws, pong)
+    fresh = last is not None and not offline and now - last <= ht
     restarted_at, _ = restarts.get(hostname, (None, ""))
     grace = group.restart.grace if group.restart else 0.0
     in_grace = restarted_at is not None and now - restarted_at < grace
     back_since_restart = restarted_at is not None and last is not None and last > restarted_at and not offline
 
-    if hostname in obs.pongs:
-        return replace(v, status="alive", reason="answered ping")
-    contradicted = tgt is not None and tgt.state in DEAD_STATES and _platform_contradicted(tgt, ws, group, now)
-    if contradicted and hostname not in obs.pinged:  # once pinged without a pong, the platform's word stands
-        return replace(v, reason=f"{tgt.id} {tgt.state} but heartbeat {fd(now - last)} ago: confirming by ping")
+    # a pong newer than any unanswered ping (and than the death the platform reports, and than our
+    # restart of it) is evidence of life with its own time
+    pong_fresh = (pong is not None and now - pong <= ht and (noreply is None or pong > noreply)
+                  and (restarted_at is None or pong > restarted_at or not in_grace))
+    if pong_fresh and not (tgt is not None and tgt.state in DEAD_STATES and tgt.since is not None
+                           and tgt.since > pong):
+        return replace(v, status="alive", reason="answered ping" if pong >= now else f"answered ping {fd(now - pong)} ago")
+    contradicted = (tgt is not None and tgt.state in DEAD_STATES
+                    and _platform_contradicted(tgt, last, offline, group, now))
+    if contradicted and not _confirmed(noreply, last, obs, restarted_at):
+        # once pinged without a pong, the platform's word stands
+        return replace(v, reason=f"{tgt.id} {tgt.state} but heard from {fd(now - last)} ago: confirming by ping")
     if tgt is not None and tgt.state in DEAD_STATES:
         exited_before_restart = restarted_at is not None and (tgt.since is None or tgt.since <= restarted_at)
         if in_grace and exited_before_restart:
@@ -128,7 +241,7 @@ def judge_worker(
         return replace(v, status="dead", reason=f"{group.restart.platform if group.restart else 'platform'} "
                        f"reports {tgt.id} {tgt.state}{what}")
     if fresh and (not in_grace or back_since_restart):
-        return replace(v, status="alive", reason=f"heartbeat {fd(now - last)} ago")
+        return replace(v, status="alive", reason=_heard(ws, pong, now))
     if in_grace:
         if back_since_restart:
             return replace(v, status="alive", reason="back after restart")
@@ -149,24 +262,46 @@ def judge_worker(
     if tgt is not None and tgt.state in ("restarting",):
         return replace(v, status="starting", reason=f"platform is restarting {tgt.id}")
     if obs.one_shot:
-        silent_enough = last is None or offline or now - last > group.heartbeat_timeout
+        silent_enough = last is None or offline or now - last > ht
     else:
-        silent_enough = silent is not None and silent > group.heartbeat_timeout
+        silent_enough = silent is not None and silent > ht
     if not silent_enough:
         if last is None:
             return replace(v, reason=f"not heard yet (listening for {fd(silent)})")
-        if now - last > group.heartbeat_timeout:
-            return replace(v, reason=f"last heartbeat {fd(now - last)} ago; listening for only {fd(silent)}")
-        return replace(v, status="alive", reason=f"heartbeat {fd(now - last)} ago")
-    if hostname not in obs.pinged:
+        if now - last > ht:
+            return replace(v, reason=f"last heard from {fd(now - last)} ago; listening for only {fd(silent)}")
+        return replace(v, status="alive", reason=_heard(ws, pong, now))
+    if not _confirmed(noreply, last, obs, restarted_at):
         return replace(v, reason="silent, not yet confirmed by ping")
-    heard = "never heard" if last is None else f"no heartbeat for {fd(now - last)}"
+    heard = "never heard" if last is None else f"nothing heard for {fd(now - last)}"
     if offline:
         heard = "left (worker-offline)"
     if tgt is not None and tgt.state in ("running", "stopping"):
-        return replace(v, status="unresponsive", reason=f"{heard}, no reply to ping, but {tgt.id} is {tgt.state}")
+        running = f"{tgt.id} is {tgt.state}"
+        if obs.one_shot:
+            # one pass cannot measure a silence: busy or hung, it cannot tell (the daemon can)
+            return replace(v, status="busy", silent_for=None,
+                           reason=f"{heard}, no reply to ping, but {running}: busy (a solo pool running a task "
+                                  f"answers nothing) or hung; one pass cannot tell for how long")
+        if silent < group.hung_timeout:
+            return replace(v, status="busy",
+                           reason=f"busy (a solo pool running a task answers nothing) or hung: {heard}, no reply "
+                                  f"to ping, {running}; restarted only after hung_timeout {fd(group.hung_timeout)}")
+        hung_at = now - silent + group.hung_timeout  # a ping sent after this confirms it hung
+        if noreply < hung_at:
+            return replace(v, status="busy", reason=f"{heard}, {running}: hung_timeout {fd(group.hung_timeout)} "
+                                                    f"reached; confirming by ping before a restart")
+        return replace(v, status="unresponsive", reason=f"{heard}, no reply to ping for hung_timeout "
+                                                        f"{fd(group.hung_timeout)}, but {running}")
     where = f", {tgt.id} {tgt.state}" if tgt is not None and tgt.state != "unknown" else ""
     return replace(v, status="lost", reason=f"{heard}, no reply to ping{where}")
+
+
+def _heard(ws: WorkerSeen | None, pong: float | None, now: float) -> str:
+    hb = ws.last_heartbeat if ws else None
+    if pong is not None and (hb is None or pong > hb):
+        return "answered ping" if pong >= now else f"answered ping {fd(now - pong)} ago"
+    return f"heartbeat {fd(now - hb)} ago"
 
 
 def judge(cfg: Config, obs: Observation, restarts: Restarts, settle_until: float | None = None) -> list[WorkerVerdict]:
@@ -198,7 +333,7 @@ def worker_findings(cfg: Config, obs: Observation, verdicts: list[WorkerVerdict]
         vs = [v for v in verdicts if v.group == g.name]
         if not can_count(g, obs, vs):
             continue
-        alive = sum(v.status == "alive" for v in vs)
+        alive = sum(v.alive for v in vs)  # a worker busy within hung_timeout counts
         if alive < g.min_workers:
             out.append(Finding("group_below_min", g.name, "critical",
                                f"group {g.name}: {alive} worker(s) alive, needs at least {g.min_workers}",
@@ -213,6 +348,50 @@ def can_count(g: GroupConfig, obs: Observation, verdicts: list[WorkerVerdict]) -
         return False
     # explicit workers are all judged (none unknown); a glob's may simply not have been heard yet
     return obs.one_shot or not g.hostnames or obs.now - obs.listening_since >= g.heartbeat_timeout
+
+
+UNGROUPED_FRESH = 10.0  # a worker outside every group counts as a consumer if heard from this recently
+
+
+def count_consumers(cfg: Config, obs: Observation, verdicts: list[WorkerVerdict]) -> dict[str, QueueSeen]:
+    """Consumers of each queue the broker does not count itself (Redis), from what each worker last
+    said it consumes (``worker_queues``: kept while the worker lives, busy or not; a worker that
+    died, left or is being restarted drops out). The count is a lower bound: when it is below the
+    queue's ``min_consumers`` while a living worker's queues are unknown (a busy solo pool answers
+    no ``active_queues``), the count is unknown (None), never a false 0."""
+    out = dict(obs.queues)
+    if obs.census_at is None:
+        return out  # nobody was asked yet: nothing can be counted
+    by_host = {v.hostname: v for v in verdicts}
+    living: list[str] = []
+    undecided: list[str] = []
+    hosts = set(obs.worker_queues) | set(obs.workers) | set(obs.pong_at) | set(by_host)
+    for h in sorted(hosts):
+        v = by_host.get(h)
+        if v is not None:
+            if v.alive:
+                living.append(h)
+            elif v.status == "unknown":
+                undecided.append(h)
+            continue
+        ws = obs.workers.get(h)
+        if cfg.group_of(h) is not None:
+            continue  # a grouped worker without a verdict (broker down): nothing to count
+        last = last_evidence(obs, h)
+        if last is not None and not _offline(ws, pong_time(obs, h)) and (
+                obs.now - last <= UNGROUPED_FRESH or last >= obs.census_at):
+            living.append(h)
+    for name, q in obs.queues.items():
+        if q.consumers is not None:
+            continue  # the broker counted them (RabbitMQ) or the observation says
+        count = sum(1 for h in living if h in obs.worker_queues and name in obs.worker_queues[h].names)
+        unsure = [h for h in living if h not in obs.worker_queues]
+        unsure += [h for h in undecided if h not in obs.worker_queues or name in obs.worker_queues[h].names]
+        need = next((c.min_consumers for c in cfg.queues if c.name == name), 0)
+        if unsure and (need == 0 or count < need):
+            continue  # a lower bound below the minimum proves nothing
+        out[name] = replace(q, consumers=count)
+    return out
 
 
 def queue_findings(cfg: Config, obs: Observation) -> list[Finding]:

@@ -66,6 +66,15 @@ class StateError(Exception):
     """The state file cannot be used at all (e.g. its directory is not writable)."""
 
 
+class StateLocked(StateError):
+    """Another `supervisor run` holds the state file's lock (the file itself is fine)."""
+
+
+def _oserror(e: OSError) -> str:
+    """An OSError as a short reason (the path is named by the caller)."""
+    return e.strerror.lower() if e.strerror else str(e)
+
+
 @dataclass(frozen=True)
 class Silence:
     id: int
@@ -141,10 +150,37 @@ class StateStore:
             return "corrupt:holds tables but no celery-supervisor schema version"
         return None
 
+    def _usable(self, readonly: bool) -> int:
+        """The file's size (0: none yet), or StateError saying why it cannot be used: SQLite's own
+        error for a directory or a file it may not open is "unable to open database file"."""
+        import stat
+
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            if readonly:
+                raise StateError(f"no state file at {self.path}") from None
+            return 0
+        except (OSError, ValueError) as e:  # permission denied on a directory, a name too long, a NUL
+            why = _oserror(e) if isinstance(e, OSError) else str(e)
+            raise StateError(f"cannot use loop.state_path {self.path}: {why}") from None
+        if stat.S_ISDIR(st.st_mode):
+            raise StateError(f"loop.state_path {self.path} is a directory: name a file in it, "
+                             f"e.g. {self.path / 'supervisor-state.db'}")
+        if not stat.S_ISREG(st.st_mode):
+            raise StateError(f"loop.state_path {self.path} is not a regular file")
+        try:
+            with open(self.path, "rb" if readonly else "r+b"):
+                pass
+        except OSError as e:
+            raise StateError(f"cannot {'read' if readonly else 'write'} the state file {self.path}: "
+                             f"{_oserror(e)}") from None
+        return st.st_size
+
     def _open(self) -> sqlite3.Connection:
         if self.readonly:
-            if not self.path.exists():
-                raise StateError(f"no state file at {self.path}")
+            self._usable(readonly=True)
+            db = None
             try:
                 db = self._connect()
                 problem = self._check(db)
@@ -154,17 +190,21 @@ class StateStore:
             except sqlite3.DatabaseError as e:
                 problem = f"x:is not a readable SQLite database ({e})"
             if problem is not None:
+                if db is not None:
+                    db.close()
                 raise StateError(f"state file {self.path} {problem.split(':', 1)[1]}")
             return db
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise StateError(f"cannot create the directory of loop.state_path {self.path}: {e}") from None
+        except (OSError, ValueError) as e:
+            why = _oserror(e) if isinstance(e, OSError) else str(e)
+            raise StateError(f"cannot create the directory of loop.state_path {self.path}: {why}") from None
         for attempt in (1, 2):
+            size = self._usable(readonly=False)
             db = None
             try:
                 db = self._connect()
-                problem = self._check(db) if self.path.exists() and self.path.stat().st_size else None
+                problem = self._check(db) if size else None
                 if problem is None:
                     db.execute("PRAGMA journal_mode = WAL")
                     db.execute("PRAGMA synchronous = NORMAL")
@@ -183,7 +223,10 @@ class StateStore:
             if attempt == 2:
                 raise StateError(f"state file {self.path} {problem.split(':', 1)[1]}")
             tag, why = problem.split(":", 1)
-            self.moved_aside = _aside(self.path, why, tag)
+            try:
+                self.moved_aside = _aside(self.path, why, tag)
+            except OSError as e:
+                raise StateError(f"state file {self.path} {why}, and it cannot be moved aside: {_oserror(e)}") from None
         raise AssertionError("unreachable")
 
     def close(self) -> None:
@@ -361,17 +404,23 @@ def run_lock(path: str | os.PathLike):
     lock_path = Path(str(path) + ".lock")
     try:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(lock_path, "a+")  # noqa: SIM115 (held for the process's life)
-    except OSError as e:
-        raise StateError(f"cannot create {lock_path}: {e}") from None
+        f = open(lock_path, "a+", errors="replace")  # noqa: SIM115 (held for the process's life)
+    except (OSError, ValueError) as e:
+        why = _oserror(e) if isinstance(e, OSError) else str(e)
+        raise StateError(f"cannot create the lock file {lock_path}: {why}") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
+        import errno
+
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            f.close()
+            raise StateError(f"cannot lock {lock_path}: {_oserror(e)}") from None
         f.seek(0)
-        pid = f.read().strip() or "?"
+        pid = f.read(32).strip() or "?"
         f.close()
-        raise StateError(f"another `supervisor run` (pid {pid}) already uses the state file {path}: "
-                         "run one daemon per loop.state_path (a second replica needs its own)") from None
+        raise StateLocked(f"another `supervisor run` (pid {pid}) already uses the state file {path}: "
+                          "run one daemon per loop.state_path (a second replica needs its own)") from None
     f.seek(0)
     f.truncate()
     f.write(str(os.getpid()))

@@ -5,7 +5,7 @@ import pytest
 
 from tests.support.brokers import (
     RABBIT_MGMT,
-    RABBIT_URL,
+    RabbitVhost,
     RedisServer,
     need,
     rabbitmq_available,
@@ -58,14 +58,26 @@ def own_redis():
 
 
 @pytest.fixture
-def rabbitmq_url():
+def rabbitmq_vhost():
+    """A RabbitMQ vhost of this test alone (the broker is shared: other runs' workers and queues live
+    on "/"), deleted afterwards with everything in it. Its name starts with "/" so that every URL
+    and management API path must encode it (%2F)."""
     if not rabbitmq_available():
         need("RabbitMQ on 127.0.0.1:5672")
-    return RABBIT_URL
+    vhost = RabbitVhost().create()
+    yield vhost
+    vhost.delete()
+
+
+@pytest.fixture
+def rabbitmq_url(rabbitmq_vhost):
+    """amqp://guest:guest@127.0.0.1:5672/<this test's vhost>"""
+    return rabbitmq_vhost.url
 
 
 @pytest.fixture
 def rabbitmq_mgmt_url(rabbitmq_url):
+    """The management API (the vhost comes from the broker URL, as in a user's config)."""
     if not rabbitmq_management_available():
         need("RabbitMQ management plugin on 127.0.0.1:15672 (rabbitmq-plugins enable rabbitmq_management)")
     return RABBIT_MGMT

@@ -16,6 +16,7 @@ from kombu.connection import ConnectionPool, PooledConnection
 
 from supervisor import redact
 from supervisor.config import BrokerConfig
+from supervisor.redis_client import sentinel_summary
 
 REDIS_BRPOP_TIMEOUT = 0.1
 GRACEFUL_CLOSE_TIMEOUT = 1.0
@@ -116,13 +117,24 @@ def transport_options(broker: BrokerConfig, timeout: float | None = None) -> dic
     timeout = float(broker.connect_timeout if timeout is None else timeout)
     opts: dict[str, Any] = dict(_RETRY_OPTIONS)
     opts.update(broker.transport_options or {})
-    for key, ours in _timeout_options(broker, timeout).items():
+    _bound(opts, _timeout_options(broker, timeout))
+    if broker.scheme == "sentinel" and isinstance(opts.get("sentinel_kwargs"), dict):
+        # the sentinels' own connections (the master is asked of them on every connect): with
+        # sentinel_kwargs set, redis-py no longer copies our socket timeouts to them
+        sentinel_kwargs = dict(opts["sentinel_kwargs"])
+        _bound(sentinel_kwargs, {"socket_timeout": timeout, "socket_connect_timeout": timeout})
+        opts["sentinel_kwargs"] = sentinel_kwargs
+    return opts
+
+
+def _bound(opts: dict[str, Any], limits: dict[str, Any]) -> None:
+    """Our limits over the fleet's options: a bool is ours, a number the smaller of the two."""
+    for key, ours in limits.items():
         theirs = opts.get(key)
         if isinstance(ours, bool) or not isinstance(theirs, (int, float)) or isinstance(theirs, bool):
             opts[key] = ours
         else:
             opts[key] = min(float(theirs), ours)
-    return opts
 
 
 def make_app(broker: BrokerConfig) -> Celery:
@@ -174,7 +186,7 @@ def describe_error(exc: BaseException) -> str:
         text = str(inner).strip()
     if not text:
         text = type(exc).__name__
-    return redact.scrub(text)
+    return redact.scrub(sentinel_summary(text) or text)
 
 
 class BrokerUnreachable(Exception):

@@ -4,18 +4,30 @@ Both calls use a fresh connection of their own (connected within ``connect_timeo
 return early once every expected worker replied: celery's broadcast waits the whole timeout
 unless ``limit`` replies arrive. No reply is an empty result; an unreachable broker raises
 ``BrokerUnreachable``.
+
+``Control`` runs them off the tick's path: a tick asks for pings (and a census of the queues
+every worker consumes) and goes on; the replies, each stamped with the time its inquiry was
+sent, land in a later observation. A worker that is down costs the tick nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 from celery import Celery
 from kombu.exceptions import OperationalError
 
+from supervisor import redact
+from supervisor.model import WorkerQueues
 from supervisor.observe.celeryapp import BrokerUnreachable, connect, describe_error, display_url, release
 
-__all__ = ["BrokerUnreachable", "active_queues", "ping"]
+__all__ = ["BrokerUnreachable", "Control", "ControlNews", "active_queues", "ping"]
+log = logging.getLogger(__name__)
 
 
 def _call(app: Celery, what: str, fn):
@@ -78,3 +90,154 @@ def active_queues(app: Celery, expected: int, timeout: float = 1.0) -> dict[str,
                 names.append(name)
         out[hostname] = names
     return out
+
+
+@dataclass
+class ControlNews:
+    """What remote control learned since the last ``Control.collect()`` (times: our clock, when
+    each inquiry was sent)."""
+
+    pongs: dict[str, float] = field(default_factory=dict)  # answered a ping or the census
+    noreplies: dict[str, float] = field(default_factory=dict)  # a ping it did not answer
+    queues: dict[str, WorkerQueues] = field(default_factory=dict)  # its reply to the census
+    census_at: float | None = None  # the last census that completed
+    error: str | None = None  # the last round that failed (broker unreachable), scrubbed
+
+
+class Control:
+    """Pings and censuses in two background lanes (one thread each, one round at a time each):
+    ``ping(hostnames)`` and ``census()`` return at once; hostnames asked while a round is in flight
+    go out in the next round, together. ``collect()`` hands over the replies. ``wait()`` is for
+    `once`, which has no next tick."""
+
+    def __init__(self, app: Celery, timeout: float, clock: Callable[[], float] = time.time):
+        self.app = app
+        self.timeout = timeout
+        self.clock = clock
+        self._cond = threading.Condition()
+        self._pending: set[str] = set()
+        self._in_flight: set[str] = set()
+        self._census_pending = False
+        self._census_in_flight = False
+        self._news = ControlNews()
+        self._threads: dict[str, threading.Thread] = {}
+        self._stopping = False
+        self.sent: Counter[str] = Counter()  # pings sent per hostname (narration, bench, tests)
+        self.rounds = 0  # ping rounds sent
+        self.censuses = 0
+
+    # ---- asking
+    def ping(self, hostnames: Iterable[str]) -> None:
+        with self._cond:
+            self._pending.update(h for h in hostnames if h not in self._in_flight)
+            if self._pending:
+                self._start("ping", self._ping_lane)
+                self._cond.notify_all()
+
+    def census(self) -> None:
+        """One broadcast ``active_queues``: every worker that answers says it lives and what it consumes."""
+        with self._cond:
+            if not self._census_in_flight:
+                self._census_pending = True
+                self._start("census", self._census_lane)
+                self._cond.notify_all()
+
+    @property
+    def busy(self) -> bool:
+        with self._cond:
+            return self._busy()
+
+    def _busy(self) -> bool:
+        return bool(self._pending or self._in_flight or self._census_pending or self._census_in_flight)
+
+    def wait(self, timeout: float) -> bool:
+        """Until every round asked for has completed (True), or ``timeout`` (False)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._busy():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
+
+    def collect(self) -> ControlNews:
+        with self._cond:
+            news, self._news = self._news, ControlNews(census_at=None)
+            return news
+
+    def close(self, timeout: float = 2.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        for t in list(self._threads.values()):
+            if t is not threading.current_thread():
+                t.join(timeout)
+
+    # ---- the lanes
+    def _start(self, name: str, target) -> None:
+        t = self._threads.get(name)
+        if self._stopping or (t is not None and t.is_alive()):
+            return
+        t = threading.Thread(target=target, name=f"control:{name}", daemon=True)
+        self._threads[name] = t
+        t.start()
+
+    def _ping_lane(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                hosts = sorted(self._pending)
+                self._pending.clear()
+                self._in_flight = set(hosts)
+            at = self.clock()
+            answered, error = None, None
+            try:
+                answered = ping(self.app, hosts, self.timeout)
+            except Exception as e:  # the broker went away: nothing learned; the tick says why
+                error = redact.scrub(e)
+                log.debug("ping round failed: %s", error)
+            with self._cond:
+                if answered is not None:
+                    for h in hosts:
+                        if h in answered:
+                            self._news.pongs[h] = max(at, self._news.pongs.get(h, at))
+                        else:
+                            self._news.noreplies[h] = at
+                    self.sent.update(hosts)
+                    self.rounds += 1
+                else:
+                    self._news.error = error
+                self._in_flight = set()
+                self._cond.notify_all()
+
+    def _census_lane(self) -> None:
+        while True:
+            with self._cond:
+                while not self._census_pending and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                self._census_pending = False
+                self._census_in_flight = True
+            at = self.clock()
+            replies, error = None, None
+            try:
+                replies = active_queues(self.app, 0, self.timeout)  # everyone: it finds workers too
+            except Exception as e:
+                error = redact.scrub(e)
+                log.debug("census failed: %s", error)
+            with self._cond:
+                if replies is not None:
+                    for h, names in replies.items():
+                        self._news.pongs[h] = max(at, self._news.pongs.get(h, at))
+                        self._news.queues[h] = WorkerQueues(at, frozenset(names))
+                    self._news.census_at = at
+                    self.censuses += 1
+                else:
+                    self._news.error = error
+                self._census_in_flight = False
+                self._cond.notify_all()

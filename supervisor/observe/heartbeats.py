@@ -24,6 +24,7 @@ from celery import Celery
 from kombu import Consumer
 
 from supervisor import redact
+from supervisor.hostnames import Refusals
 from supervisor.model import WorkerSeen
 from supervisor.observe.celeryapp import broker_of, describe_error, display_url, release
 
@@ -169,6 +170,13 @@ class EventReceiverSource(HeartbeatSource):
         kind = event.get("type", "")
         hostname = event.get("hostname")
         if not hostname:
+            return
+        # anyone who can publish to the broker can forge an event: a hostname with whitespace, a
+        # quote, a control character or a leading "-" is refused (logged once per hostname)
+        refusals = getattr(self, "_refusals", None)
+        if refusals is None:
+            refusals = self._refusals = Refusals(log, "worker events")
+        if not refusals.accept(hostname):
             return
         now = self.clock()
         with self._lock:

@@ -74,15 +74,21 @@ def test_busy_solo_worker_is_not_restarted_before_hung_timeout(redis_url, tmp_pa
     wait_ping(app, host)
     f.run()
     time.sleep(2)
-    app.send_task("tasks.sleep", args=[12], queue=queue)
-    # a busy solo pool sends no heartbeat and answers no ping: unresponsive, not lost
-    wait_until(lambda: any("worker_unresponsive" in t for t in titles(catcher)), 20, what="unresponsive warning")
-    wait_until(lambda: any("RESOLVED" in t and "worker_unresponsive" in t for t in titles(catcher)), 30,
-               what="the worker to come back by itself")
+    app.send_task("tasks.sleep", args=[25], queue=queue)  # long enough to be seen busy under load
+    # a busy solo pool sends no heartbeat and answers no ping: busy (healthy within hung_timeout), not
+    # lost, and nobody is paged for it (issue 14: busy is not broken)
+    from tests.support.cli import run_cli
+
+    def judged() -> str | None:
+        doc = run_cli("status", "-c", str(f.path), "--json", timeout=30).json
+        return next((w["status"] for w in doc["workers"] if w["hostname"] == host), None)
+
+    wait_until(lambda: judged() == "busy", 22, what="the worker judged busy")
+    wait_until(lambda: judged() == "alive", 40, what="the worker to come back by itself")
+    time.sleep(2)
     assert pid_alive(pid) and f.pid(host) == pid
     assert f.starts(host) == 1, "never restarted before hung_timeout"
-    assert not any("worker_lost" in t for t in titles(catcher)), titles(catcher)
-    assert "[FIRING warning] worker_unresponsive" in " ".join(titles(catcher))
+    assert titles(catcher) == [], "nothing pages for a worker busy within hung_timeout"
 
 
 def test_sigterm_during_a_long_task_is_not_doubled(redis_url, tmp_path, uid, catcher, fleets):

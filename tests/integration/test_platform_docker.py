@@ -169,7 +169,7 @@ def test_a_crash_the_engine_restarts_itself_is_left_to_it(ctrs, adapters, redis_
 
 def test_a_policy_container_the_engine_did_not_restart_is_restarted_after_the_grace(
         ctrs, adapters, redis_url, uid, monkeypatch):
-    monkeypatch.setattr(docker_platform, "ENGINE_GRACE", 1.5)  # the wait, not the behaviour, is shortened
+    monkeypatch.setattr(docker_platform, "ENGINE_GRACE", 5.0)  # the wait, not the behaviour, is shortened
     a, g, _ = make_adapter(adapters, config_dict(redis_url, uid))
     name, host = f"cs-{uid}-q", f"celery@{uid}-q"
     ctrs.run(name, SLEEP, hostname=f"{uid}-q", restart_policy={"Name": "on-failure", "MaximumRetryCount": 0})
@@ -178,7 +178,7 @@ def test_a_policy_container_the_engine_did_not_restart_is_restarted_after_the_gr
     t = by_host(a.inventory(g, [host]))[host]
     assert t.state == "restarting" and "left to the engine" in t.detail, t
     assert a.restart(t, "test").in_progress
-    t = wait_until(lambda: (x := by_host(a.inventory(g, [host]))[host]).state == "exited" and x, 10,
+    t = wait_until(lambda: (x := by_host(a.inventory(g, [host]))[host]).state == "exited" and x, 15,
                    what="the engine's grace to pass")
     assert "did not bring it back" in t.detail and t.since is not None
     r = a.restart(t, "test")

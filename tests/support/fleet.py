@@ -16,11 +16,13 @@ import yaml
 from tests.support.workers import APP_DIR, worker_argv
 
 
-def local_restart(broker_url: str, pool: str = "solo", queues: str = "celery", **over) -> dict:
-    """A `restart:` section running tests/support/app workers through the local platform."""
+def local_restart(broker_url: str, pool: str = "solo", queues: str = "celery", extra: tuple[str, ...] = (),
+                  **over) -> dict:
+    """A `restart:` section running tests/support/app workers through the local platform (``extra``:
+    more worker flags, e.g. ``("--without-heartbeat",)``)."""
     import shlex
 
-    argv = worker_argv("HOSTNAME", queues=queues, pool=pool)
+    argv = worker_argv("HOSTNAME", queues=queues, pool=pool, extra=extra)
     target = " ".join(shlex.quote(a) for a in argv).replace("HOSTNAME", "{hostname}")
     section = {"platform": "local", "target": target, "cwd": str(APP_DIR),
                "env": {"CELERY_BROKER_URL": broker_url, "PYTHONPATH": str(APP_DIR)},

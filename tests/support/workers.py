@@ -23,10 +23,12 @@ def worker_env(broker_url: str, transport_options: dict | None = None) -> dict[s
     return env
 
 
-def worker_argv(hostname: str, queues: str = "celery", pool: str = "solo", concurrency: int = 1) -> list[str]:
+def worker_argv(hostname: str, queues: str = "celery", pool: str = "solo", concurrency: int = 1,
+                extra: tuple[str, ...] = ()) -> list[str]:
+    """``extra``: more worker flags, e.g. ``("--without-heartbeat",)`` (no worker event at all)."""
     return [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-n", hostname, "-Q", queues,
             "--pool", pool, "--concurrency", str(concurrency), "--without-mingle", "--without-gossip",
-            "-l", "WARNING"]
+            "-l", "WARNING", *extra]
 
 
 def worker_command(hostname_template: str = "{hostname}", queues: str = "celery", pool: str = "solo") -> str:
@@ -38,12 +40,13 @@ def worker_command(hostname_template: str = "{hostname}", queues: str = "celery"
 
 class Worker:
     def __init__(self, broker_url: str, hostname: str, queues: str = "celery", pool: str = "solo",
-                 concurrency: int = 1, transport_options: dict | None = None, log: Path | None = None):
+                 concurrency: int = 1, transport_options: dict | None = None, log: Path | None = None,
+                 extra: tuple[str, ...] = ()):
         self.hostname = hostname
         self.broker_url = broker_url
         out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 (the child holds it)
         self.proc = subprocess.Popen(
-            worker_argv(hostname, queues, pool, concurrency), env=worker_env(broker_url, transport_options),
+            worker_argv(hostname, queues, pool, concurrency, extra), env=worker_env(broker_url, transport_options),
             cwd=str(APP_DIR), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,
         )

@@ -15,7 +15,7 @@ from typing import Any
 
 from supervisor.config import Config, parse_config
 from supervisor.decide import Core, Decision
-from supervisor.model import Observation, QueueSeen, Target, WorkerSeen
+from supervisor.model import Observation, QueueSeen, Target, WorkerQueues, WorkerSeen
 
 BROKER_PASSWORD = "brokerpass-9f2c"
 BROKER_URL = f"redis://:{BROKER_PASSWORD}@localhost:6379/0"
@@ -80,6 +80,9 @@ class Fleet:
         self.platform_errors: dict[str, str] = {}
         self.pinged: list[frozenset[str]] = []
         self.log: list[Decision] = []
+        # the census (broadcast active_queues) on every tick: workers that answer ping say what they consume
+        self.census = False
+        self.consumes: dict[str, frozenset[str]] = {}
 
     # ---- the world
     def up(self, *hostnames: str, at: float) -> None:
@@ -89,7 +92,7 @@ class Fleet:
             self.seen[h] = WorkerSeen(h, last_heartbeat=at, online_at=at)
 
     def quiet(self, *hostnames: str) -> None:
-        """Workers that send no heartbeat (events disabled, a busy solo pool) but answer ping."""
+        """Workers that send no heartbeat (--without-heartbeat; or events broken) but answer ping."""
         for h in hostnames:
             self.status[h] = "quiet"
 
@@ -116,6 +119,11 @@ class Fleet:
         self.targets[hostname] = t
         return t
 
+    def serve(self, hostname: str, *queues: str) -> None:
+        """What a worker consumes (it says so in its census replies; ``census = True``)."""
+        self.census = True
+        self.consumes[hostname] = frozenset(queues)
+
     def queue(self, name: str, length: int | None, consumers: int | None = None, error: str | None = None) -> None:
         self.queues[name] = QueueSeen(name, length, consumers=consumers, error=error)
 
@@ -134,6 +142,11 @@ class Fleet:
         targets: dict[str, list[Target]] = {}
         for t in self.targets.values():
             targets.setdefault(t.group, []).append(t)
+        census: dict = {}
+        if self.census and self.broker_ok:  # a census's replies are evidence of life too
+            answering = [h for h, s in self.status.items() if s in ("up", "quiet")]
+            census = {"census_at": now, "pong_at": {h: now for h in answering},
+                      "worker_queues": {h: WorkerQueues(now, self.consumes.get(h, frozenset())) for h in answering}}
         return Observation(
             now=now,
             broker_ok=self.broker_ok,
@@ -144,6 +157,7 @@ class Fleet:
             targets={g: tuple(ts) for g, ts in targets.items()},
             platform_errors=dict(self.platform_errors),
             one_shot=self.one_shot,
+            **census,
         )
 
     def tick(self, now: float, ok: bool = True, execute: bool = True, silenced=None) -> Decision:

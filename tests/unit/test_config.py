@@ -303,10 +303,10 @@ class TestLoading:
         p = tmp_path / "c.yaml"
         p.write_text("broker: {url: redis://h}\n")
 
-        def denied(self, *a, **k):
+        def denied(*a, **k):
             raise PermissionError(13, "Permission denied")
 
-        monkeypatch.setattr(Path, "read_text", denied)  # works as root too
+        monkeypatch.setattr("supervisor.config_file.os.open", denied)  # works as root too
         with pytest.raises(ConfigError) as e:
             load_config(p)
         assert "not readable" in str(e.value)

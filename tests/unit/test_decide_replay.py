@@ -112,18 +112,24 @@ class TestPlatformDeath:
 
 
 class TestHung:
-    def test_unresponsive_warns_then_restarts_after_hung_timeout(self):
-        f = fleet(3)
+    def test_busy_until_hung_timeout_then_unresponsive_and_restarted(self):
+        f = fleet(3, min_workers=3)
         f.target(W1, "running", tid="celery-web-1.service")
-        f.hang(W1)  # last heartbeat at 30
+        f.hang(W1)  # last heartbeat at 30: a solo pool busy with a long task, or hung
         d45 = f.tick(45)
-        assert status(d45, W1) == "unresponsive"
-        assert fired(d45) == [f"worker_unresponsive:{W1}"]
-        assert d45.plans == [] and d45.exit_code == 1
+        assert status(d45, W1) == "busy"  # healthy within hung_timeout: nothing pages, exit 0
+        assert fired(d45) == [] and d45.plans == [] and d45.exit_code == 0
         waiting = f.run(50, 625)
         assert restarts(waiting) == [] and fired(waiting) == []
-        d630 = f.tick(630)  # silent 600s = hung_timeout
+        assert {d.exit_code for d in waiting} == {0}
+        # re-checked at a bounded rate (about once per heartbeat_timeout), not on every tick
+        assert sum(W1 in p for p in f.pinged[-len(waiting):]) <= len(waiting) * 5 / 10 + 2
+        d630 = f.tick(630)  # silent 600s = hung_timeout; a ping sent now confirms it
+        assert W1 in f.pinged[-1]
+        assert status(d630, W1) == "unresponsive"
         assert [(p.hostname, p.rule) for p in d630.plans] == [(W1, "worker_unresponsive")]
+        assert fired(d630) == [f"worker_unresponsive:{W1}"]  # group_below_min is muted: W1 has its own alert
+        assert d630.exit_code == 2  # ... but a hung worker is no longer counted: 2 of 3 alive
         # it comes back: the warning resolves once
         f.up(W1, at=650)
         d = f.run(635, 700)
@@ -272,12 +278,11 @@ class TestGrace:
 # ---------------------------------------------------------------- broker outage
 class TestBrokerOutage:
     def test_outage_restarts_nothing_alerts_once_and_freezes_other_alerts(self):
-        f = fleet(3, qcfg=[{"name": "default", "warning": 100, "for": 0}])
-        f.target(W1, "running")
-        f.hang(W1)
+        f = fleet(3, qcfg=[{"name": "default", "warning": 100, "for": 0}], max_restarts=0)
+        f.down(W1)  # lost, and left so (restarts disabled): its alert stays firing
         f.queue("default", 500)
         before = f.run(35, 60)
-        assert sorted(fired(before)) == ["queue_backlog:default", f"worker_unresponsive:{W1}"]
+        assert sorted(fired(before)) == ["queue_backlog:default", LOST1]
         # the broker goes away; meanwhile web-2's process dies and the platform says so
         f.broker_down()
         f.down(W2, W3)

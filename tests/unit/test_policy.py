@@ -64,7 +64,7 @@ class TestPlan:
             ("celery@web-1", "worker_lost", 2, False), ("celery@web-2", "worker_lost", 2, False)]
         assert findings == []
 
-    @pytest.mark.parametrize("status", ["alive", "starting", "stopping", "retired", "unknown"])
+    @pytest.mark.parametrize("status", ["alive", "busy", "starting", "stopping", "retired", "unknown"])
     def test_never_restarted(self, status):
         plans, _, _ = plan(cfg_with(), [V(1, status, silent=10_000)])
         assert plans == []
@@ -75,6 +75,14 @@ class TestPlan:
         assert plans == [] and "hung_timeout" in st.notes["celery@web-1"]
         plans, _, _ = plan(cfg, [V(1, "unresponsive", silent=600)])
         assert [(p.hostname, p.rule) for p in plans] == [("celery@web-1", "worker_unresponsive")]
+
+    def test_busy_workers_are_no_mass_loss_and_say_why_they_wait(self):
+        # two of three busy (solo pools in long tasks, or once without a measured silence): no canary
+        cfg = cfg_with()
+        plans, findings, st = plan(cfg, [V(1, "busy", silent=40), V(2, "busy"), V(3, "alive")])
+        assert plans == [] and findings == []
+        assert st.groups["web"].mode == "normal"
+        assert "hung_timeout" in st.notes["celery@web-1"] and "hung_timeout" in st.notes["celery@web-2"]
 
     def test_broker_down_restarts_nothing(self):
         plans, findings, _ = plan(cfg_with(), [V(1, "dead"), V(2, "lost")], broker_ok=False)

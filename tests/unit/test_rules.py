@@ -129,15 +129,34 @@ class TestPlatformDeath:
 
 
 class TestHung:
-    def test_running_target_silent_without_pong_is_unresponsive_warning(self):
-        cfg = cfg_one()
+    def test_running_target_silent_without_pong_is_busy_within_hung_timeout(self):
+        cfg = cfg_one(min_workers=1)
         t = Target("web-1.service", "web", W1, "running")
         o = obs(100, [WorkerSeen(W1, last_heartbeat=80)], pinged=[W1], targets=[t])
         v = verdict(cfg, o)
-        assert v.status == "unresponsive"
+        assert v.status == "busy" and v.alive
         assert v.silent_for == 20
+        assert rules.worker_findings(cfg, o, [v], {}) == []  # no warning, and it counts for min_workers
+
+    def test_running_target_silent_for_hung_timeout_is_unresponsive_warning(self):
+        cfg = cfg_one(hung_timeout="60s")
+        t = Target("web-1.service", "web", W1, "running")
+        o = obs(100, [WorkerSeen(W1, last_heartbeat=40)], pinged=[W1], targets=[t])
+        v = verdict(cfg, o)
+        assert v.status == "unresponsive" and not v.alive
+        assert v.silent_for == 60
         [f] = rules.worker_findings(cfg, o, [v], {})
         assert (f.rule, f.severity) == ("worker_unresponsive", "warning")
+
+    def test_hung_timeout_needs_a_ping_sent_after_it(self):
+        # the last failed ping went out before hung_timeout was reached: confirm again first
+        cfg = cfg_one(hung_timeout="60s")
+        t = Target("web-1.service", "web", W1, "running")
+        o = obs(100, [WorkerSeen(W1, last_heartbeat=40)], noreply_at={W1: 95.0}, targets=[t])
+        v = verdict(cfg, o)
+        assert v.status == "busy" and "confirming by ping" in v.reason
+        [need] = rules.ping_needs(cfg, o, {})
+        assert (need.hostname, need.kind, need.after) == (W1, "hung", 100.0)
 
     def test_platform_restarting_is_starting(self):
         cfg = cfg_one()

@@ -491,6 +491,9 @@ class GroupConfig(_Model):
     queues: list[str] = Field(default_factory=list)
     heartbeat_timeout: Duration = 10.0
     hung_timeout: Duration = 600.0
+    # a worker that heartbeats, has free pool slots and takes nothing from a backlog of its queues
+    # that does not drain for this long is stalled (0 = off; supervisor/stall.py)
+    stall_timeout: Duration = Field(120.0, ge=0.0)
     restart: RestartConfig | None = None
 
     @field_validator("workers")
@@ -509,6 +512,8 @@ class GroupConfig(_Model):
             raise ValueError("heartbeat_timeout must be at least 3s (workers heartbeat every 2s)")
         if self.hung_timeout < self.heartbeat_timeout:
             raise ValueError("hung_timeout must not be shorter than heartbeat_timeout")
+        if 0 < self.stall_timeout < 5.0:
+            raise ValueError("stall_timeout must be 0 (off) or at least 5s (workers heartbeat every 2s)")
         return self
 
     def matches(self, hostname: str) -> bool:
@@ -929,11 +934,9 @@ def _cross_checks(cfg: Config) -> list[tuple[str, str]]:
     import importlib.util
 
     errors = []
-    queue_names = {q.name for q in cfg.queues}
     for gi, g in enumerate(cfg.groups):
-        for qi, q in enumerate(g.queues):
-            if queue_names and q not in queue_names:
-                errors.append((f"groups.{gi}.queues.{qi}", f"queue {q!r} is not declared under queues"))
+        # a group's queues need no entry under `queues` (that is for thresholds): a typo shows as a
+        # queue no worker of the group is seen consuming (status, the stall rule ignores it)
         if g.restart is None:
             continue
         kind = g.restart.platform

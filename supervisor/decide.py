@@ -14,8 +14,9 @@ from dataclasses import dataclass, field, replace
 from supervisor import policy, rules
 from supervisor.config import Config
 from supervisor.model import Finding, Observation, RuleState, Transition, WorkerQueues, WorkerVerdict
+from supervisor.stall import StallMemory, StallReport
 
-WORKER_RULES = ("worker_lost", "worker_unresponsive", "restart_gave_up")
+WORKER_RULES = ("worker_lost", "worker_unresponsive", "worker_stalled", "restart_gave_up")
 SETTLE_MIN, SETTLE_MAX = 10.0, 60.0
 MEMORY_TTL = 3600.0  # what a worker said (pong, queues) is forgotten after this long without news
 
@@ -33,6 +34,8 @@ class Decision:
     # the observation as judged: with the core's memory of pongs and queues merged in, and the
     # consumers of each queue counted from what the workers last said
     obs: Observation | None = None
+    # stall evidence (supervisor/stall.py): per worker and queue, and the inquiries to make next
+    stall: StallReport = field(default_factory=StallReport)
 
     @property
     def exit_code(self) -> int:
@@ -63,6 +66,7 @@ class Core:
         self.past_pong: dict[str, float] = {}
         self.past_queues: dict[str, WorkerQueues] = {}
         self.asked: dict[str, float] = {}  # hostname -> when a ping of it was last asked of the shell
+        self.stall = StallMemory()  # processed / backlog history, stall confirmations (this run)
 
     # ---- durable memory (supervisor.state): what must survive a restart of the supervisor
     def to_json(self) -> dict:
@@ -80,6 +84,8 @@ class Core:
             "restarted": {h: list(v) for h, v in self.policy.restarted.items()},
             "groups": {n: asdict(m) for n, m in self.policy.groups.items()},
             "evidence": {"pong": pong, "queues": {h: [wq.at, sorted(wq.names)] for h, wq in queues.items()}},
+            # open stalls: a supervisor restart must not RESOLVE a stall before its worker takes work
+            "stalls": {h: list(v) for h, v in self.stall.open.items()},
         }
 
     def restore(self, d: dict) -> None:
@@ -92,6 +98,7 @@ class Core:
         self.past_pong = {str(h): float(t) for h, t in (ev.get("pong") or {}).items()}
         self.past_queues = {str(h): WorkerQueues(float(v[0]), frozenset(map(str, v[1])))
                             for h, v in (ev.get("queues") or {}).items()}
+        self.stall.open = {str(h): (float(v[0]), str(v[1]), str(v[2])) for h, v in (d.get("stalls") or {}).items()}
 
     # ---- evidence of life from remote control: kept across ticks (and runs)
     def remember(self, obs: Observation) -> Observation:
@@ -187,11 +194,13 @@ class Core:
         for v in verdicts:
             if v.target is not None:
                 ids.setdefault(v.hostname, v.target.id)
-        plans, policy_findings = policy.plan(cfg, obs, verdicts, self.policy, ids)
+        stall = self.stall.judge(cfg, obs, verdicts, restarted)
+        plans, policy_findings = policy.plan(cfg, obs, verdicts, self.policy, ids, stall.stalled)
         findings = (
             rules.broker_findings(cfg, obs)
             + rules.worker_findings(cfg, obs, verdicts, restarted)
             + rules.queue_findings(cfg, obs)
+            + stall.findings
             + policy_findings
         )
         # forget a restart once its worker is heard again after it (or its grace is over)
@@ -210,7 +219,7 @@ class Core:
         transitions = self.book.advance(findings, now, muted, self._frozen(obs, verdicts))
         observable = obs.broker_ok and obs.listening_since is not None
         return Decision(now, observable, verdicts, findings, transitions, plans, rules.worst(findings),
-                        dict(self.book.states), obs)
+                        dict(self.book.states), obs, stall)
 
     def _muted(self, findings: list[Finding], verdicts: list[WorkerVerdict]) -> set[str]:
         """Inhibition: a group in mass loss speaks with one voice (its group finding); a group below

@@ -59,8 +59,8 @@ class Supervisor:
         silences), or None to keep everything in memory (tests of the loop, `nagios`). With
         ``dry_run`` it is only read."""
         from supervisor.notify import Notifier
+        from supervisor.observe import heartbeats
         from supervisor.observe.celeryapp import make_app
-        from supervisor.observe.heartbeats import EventReceiverSource
         from supervisor.observe.queues import QueueReader
 
         self.cfg = cfg
@@ -69,13 +69,15 @@ class Supervisor:
         self.clock = clock
         self.on_tick = on_tick
         self.app = make_app(cfg.broker)
-        self.heartbeats = EventReceiverSource(self.app, clock=clock, on_event=on_event)
+        # the lean Redis reader on Redis brokers, celery's event receiver elsewhere
+        self.heartbeats = heartbeats.make_source(self.app, cfg.broker, clock=clock, on_event=on_event)
         self.queue_reader = QueueReader(cfg.broker, self.app)
         from supervisor.observe.control import Control
 
         # pings and the census run off the tick's path; their replies land in the next observation
         self.control = Control(self.app, cfg.loop.ping_timeout, clock)
         self._census_asked: float | None = None
+        self._unconsumed_warned: set[str] = set()  # group queues said to be consumed by none (a typo?)
         self.notifier = Notifier(cfg.notify)
         self.core = Core(cfg)
         self._own_state = state == "open"
@@ -189,6 +191,7 @@ class Supervisor:
             stream_error=snap.error,
             workers=workers, targets=targets, platform_errors=perrs, one_shot=self.one_shot,
             pong_at=news.pongs, noreply_at=news.noreplies, worker_queues=news.queues, census_at=news.census_at,
+            worker_stats=news.stats, stall_checks=news.checks,
         )
         if err is not None:
             return obs
@@ -209,7 +212,9 @@ class Supervisor:
                 obs = replace(obs, pong_at={**obs.pong_at, **more.pongs},
                               noreply_at={**obs.noreply_at, **more.noreplies},
                               worker_queues={**obs.worker_queues, **more.queues},
-                              census_at=more.census_at or obs.census_at)
+                              census_at=more.census_at or obs.census_at,
+                              worker_stats={**obs.worker_stats, **more.stats},
+                              stall_checks={**obs.stall_checks, **more.checks})
             queues = self._queues()
         except BrokerUnreachable as e:  # the broker went away mid-tick (anything else is a bug: raise)
             return replace(obs, broker_ok=False, broker_error=redact.scrub(e))
@@ -217,7 +222,8 @@ class Supervisor:
 
     def _census_needed(self) -> bool:
         cfg = self.cfg
-        return any(g.hostnames for g in cfg.groups) or (
+        # stall detection (supervisor/stall.py) learns from it which group queues each worker consumes
+        return any(g.hostnames or (g.stall_timeout > 0 and g.queues) for g in cfg.groups) or (
             cfg.broker.is_redis and any(q.min_consumers for q in cfg.queues))
 
     def _census_due(self, now: float) -> bool:
@@ -237,10 +243,13 @@ class Supervisor:
     def _queues(self) -> dict[str, QueueSeen]:
         """Queue lengths. RabbitMQ counts consumers itself (passive declare); on Redis the core counts
         them from what each worker last said it consumes (the census)."""
+        from supervisor.stall import group_queues
+
         cfg = self.cfg
-        if not cfg.queues:
+        names = [q.name for q in cfg.queues] + group_queues(cfg)  # thresholds, and the stall rule's evidence
+        if not names:
             return {}
-        return self.queue_reader.read([q.name for q in cfg.queues])
+        return self.queue_reader.read(names)
 
     # ------------------------------------------------------------ one tick
     def tick(self, broker_error: str | None | bool = False) -> TickReport:
@@ -266,6 +275,11 @@ class Supervisor:
                     report.actions.append(action)
                     details.setdefault(plan.hostname, []).append(detail)
                 report.actions += self._dispatch(self._alert(decision, details))
+                # stall evidence: pool sizes and confirmations of suspects, targeted, off the tick's
+                # path; the replies land in the next observation
+                if (decision.stall.stats or decision.stall.confirm) and obs.broker_ok:
+                    self.control.inspect(stats=decision.stall.stats, check=decision.stall.confirm)
+                self._warn_unconsumed(decision)
             except Exception:
                 if snap is not None:
                     self.core.restore(snap)
@@ -352,7 +366,7 @@ class Supervisor:
                 continue
             # a restart without a state change (the 2nd in the window, a failed one): say it anyway
             st = next((st for st in decision.states.values() if st.hostname == host and st.state == "firing"
-                       and st.rule in ("worker_lost", "worker_unresponsive")), None)
+                       and st.rule in ("worker_lost", "worker_unresponsive", "worker_stalled")), None)
             if st is not None and st.key in self.core.book.notified and st.key not in self.core.silenced:
                 updates.append((Transition(st.key, "firing", "firing", st), "\n".join(done)))
         every = self.cfg.notify.repeat_every
@@ -392,6 +406,18 @@ class Supervisor:
         self.state.save({"core": self.core.to_json(), "unsent": sorted(self._unsent)}, rows)
         crash_point("accepted" if msgs else "saved")
         return [a for m in msgs for a in self.outbox.send(m)]
+
+    def _warn_unconsumed(self, decision: Decision) -> None:
+        """A group queue that no living worker of the group consumes (each said what it consumes) is
+        probably a typo in `groups[].queues`: said once in the log (and `consumed_by` in JSON)."""
+        warned = self._unconsumed_warned
+        for q, n in decision.stall.consumed_by.items():
+            if n == 0 and q not in warned:
+                warned.add(q)
+                log.warning("queue %s is listed in a group's queues but no living worker of the group consumes "
+                            "it (census): a typo? The stall rule ignores it for those workers.", q)
+            elif n > 0:
+                warned.discard(q)
 
     def _load_state(self, now: float) -> list:
         """Restart history (``supervisor reset`` may have cleared some) and active silences."""
@@ -490,7 +516,7 @@ def crash_point(name: str) -> None:
 
 
 # ------------------------------------------------------------ JSON document of `once --json` / status
-def verdict_json(v: WorkerVerdict, obs: Observation) -> dict:
+def verdict_json(v: WorkerVerdict, obs: Observation, stall=None) -> dict:
     ws = obs.workers.get(v.hostname)
     d = {
         "hostname": v.hostname,
@@ -507,6 +533,15 @@ def verdict_json(v: WorkerVerdict, obs: Observation) -> dict:
     if v.target is not None:
         d["target"] = v.target.id
         d["platform_state"] = v.target.state
+    # issue 10: the stall evidence (groups with stall_timeout; null where not measured)
+    ev = stall.workers.get(v.hostname) if stall is not None else None
+    d.update(processed=ws.processed if ws else None, processed_rate=None, concurrency=None, last_task_age=None,
+             stall=None, stall_reason=None)
+    if ev is not None:
+        d.update(processed=ev.processed, processed_rate=ev.processed_rate, concurrency=ev.concurrency,
+                 last_task_age=ev.last_task_age, stall=ev.stall, stall_reason=ev.stall_reason)
+        if d["active"] is None:
+            d["active"] = ev.active
     return d
 
 
@@ -517,10 +552,10 @@ def report_json(r: TickReport, cfg: Config) -> dict:
         "broker": {"url": cfg.broker.display_url, "ok": obs.broker_ok, "error": obs.broker_error},
         "exit_code": r.exit_code,
         "severity": d.severity if d.observable else "unknown",
-        "workers": [verdict_json(v, obs) for v in d.verdicts],
+        "workers": [verdict_json(v, obs, d.stall) for v in d.verdicts],
         "queues": [
             {"name": q.name, "length": q.length, "ready": q.ready, "unacked": q.unacked,
-             "consumers": q.consumers, "error": q.error}
+             "consumers": q.consumers, "error": q.error, **_queue_evidence(d, q.name)}
             for q in obs.queues.values()
         ],
         "findings": [
@@ -535,3 +570,14 @@ def report_json(r: TickReport, cfg: Config) -> dict:
         "duration": round(r.duration, 3),
     }
 
+
+
+def _queue_evidence(d: Decision, name: str) -> dict:
+    """issue 10: how fast the queue drains (messages/s over the last minute; negative: it grows), how
+    long it has had a backlog, and whether every consumer is busy (saturation)."""
+    ev = d.stall.queues.get(name)
+    if ev is None:
+        return {}
+    saturated = any(f.rule == "queue_saturated" and f.subject == name for f in d.findings)
+    return {"drain_rate": ev.drain_rate, "backlog_for": ev.backlog_for, "saturated": saturated,
+            "consumed_by": d.stall.consumed_by.get(name)}

@@ -28,6 +28,16 @@ celery_supervisor_broker_up                             1 when the last cycle co
 celery_supervisor_leader                                1 when this replica acts (holds the lease, or
                                                         runs without one), 0 on a standby
 celery_supervisor_info{version}                         always 1
+celery_supervisor_worker_processed_rate{group,hostname} tasks the worker took per second over the last
+                                                        minute (groups with stall_timeout; issue 10)
+celery_supervisor_worker_active{group,hostname}         tasks running (heartbeat), where known
+celery_supervisor_worker_concurrency{group,hostname}    pool size (targeted inspect stats), where known
+celery_supervisor_worker_last_task_age_seconds{group,hostname}
+                                                        seconds since its processed count last moved
+celery_supervisor_queue_drain_rate{queue}               messages per second the length went down over
+                                                        the last minute (negative: it grows)
+celery_supervisor_queue_saturated{queue}                1 when the queue does not drain and every
+                                                        consumer is busy (info: needs more workers)
 ======================================================  =============================================
 """
 
@@ -83,6 +93,21 @@ class Metrics:
                                 "Unix time the last cycle completed.", registry=r)
         self.broker_up = Gauge("celery_supervisor_broker_up", "1 when the last cycle could reach the broker.",
                                registry=r)
+        self.worker_rate = Gauge("celery_supervisor_worker_processed_rate",
+                                 "Tasks the worker took per second over the last minute.", ["group", "hostname"],
+                                 registry=r)
+        self.worker_active = Gauge("celery_supervisor_worker_active", "Tasks the worker runs.",
+                                   ["group", "hostname"], registry=r)
+        self.worker_concurrency = Gauge("celery_supervisor_worker_concurrency", "The worker's pool size.",
+                                        ["group", "hostname"], registry=r)
+        self.worker_task_age = Gauge("celery_supervisor_worker_last_task_age_seconds",
+                                     "Seconds since the worker last took a task.", ["group", "hostname"], registry=r)
+        self.queue_drain = Gauge("celery_supervisor_queue_drain_rate",
+                                 "Messages per second the queue went down over the last minute.", ["queue"],
+                                 registry=r)
+        self.queue_saturated = Gauge("celery_supervisor_queue_saturated",
+                                     "1 when the queue does not drain and every consumer is busy.", ["queue"],
+                                     registry=r)
         self.leader = Gauge("celery_supervisor_leader", "1 when this replica acts (leader or no lease).", registry=r)
         Gauge("celery_supervisor_info", "celery-supervisor version.", ["version"], registry=r).labels(__version__).set(1)
         for outcome in ("ok", "failed"):
@@ -103,7 +128,9 @@ class Metrics:
         with self._lock:
             self._replace(self.workers, "workers",
                           {(g.name, s): 0.0 for g in cfg.groups for s in STATUSES}, keep=False, only_new=True)
-            queues = {(q.name,) for q in cfg.queues}
+            from supervisor.stall import group_queues
+
+            queues = {(q.name,) for q in cfg.queues} | {(q,) for q in group_queues(cfg)}
             for name, gauge in self._queue_gauges():
                 for labels in list(self._series.get(name, ())):
                     if labels not in queues:
@@ -129,7 +156,23 @@ class Metrics:
                                 ("queue_unacked", q.unacked), ("queue_consumers", q.consumers)):
                 if value is not None:
                     qvals[name][(q.name,)] = float(value)
+        wvals: dict[str, dict[tuple[str, ...], float]] = {n: {} for n, _ in self._stall_gauges()}
+        group_of = {v.hostname: v.group for v in d.verdicts}
+        for h, ev in d.stall.workers.items():
+            labels = (group_of.get(h, ""), h)
+            for name, value in (("worker_processed_rate", ev.processed_rate), ("worker_active", ev.active),
+                                ("worker_concurrency", ev.concurrency), ("worker_last_task_age", ev.last_task_age)):
+                if value is not None:
+                    wvals[name][labels] = float(value)
+        saturated = {f.subject for f in d.findings if f.rule == "queue_saturated"}
+        for name, ev in d.stall.queues.items():
+            if ev.drain_rate is not None:
+                wvals["queue_drain_rate"][(name,)] = float(ev.drain_rate)
+            wvals["queue_saturated"][(name,)] = 1.0 if name in saturated else 0.0
         with self._lock:
+            if obs.broker_ok:
+                for name, gauge in self._stall_gauges():
+                    self._replace(gauge, name, wvals[name], keep=False)
             self._replace(self.workers, "workers", counts, keep=False)
             self._replace(self.findings, "findings", findings, keep=True)
             if obs.broker_ok:  # a down broker leaves the last counts (their age: last_cycle)
@@ -173,6 +216,11 @@ class Metrics:
         notifier.on_done = on_done
 
     # ------------------------------------------------------------ internals
+    def _stall_gauges(self):
+        return (("worker_processed_rate", self.worker_rate), ("worker_active", self.worker_active),
+                ("worker_concurrency", self.worker_concurrency), ("worker_last_task_age", self.worker_task_age),
+                ("queue_drain_rate", self.queue_drain), ("queue_saturated", self.queue_saturated))
+
     def _queue_gauges(self):
         return (("queue_length", self.queue_length), ("queue_ready", self.queue_ready),
                 ("queue_unacked", self.queue_unacked), ("queue_consumers", self.queue_consumers))

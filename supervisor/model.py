@@ -55,6 +55,26 @@ class WorkerQueues:
 
 
 @dataclass(frozen=True)
+class WorkerStats:
+    """A worker's reply to a targeted ``inspect stats`` (supervisor/stall.py asks, at a bounded rate)."""
+
+    at: float  # our clock: when the inquiry was sent
+    concurrency: int | None = None  # pool max-concurrency
+    processed: int | None = None  # sum of its per-task totals (evidence for workers without heartbeats)
+    pid: int | None = None
+
+
+@dataclass(frozen=True)
+class StallCheck:
+    """A suspect's replies to targeted ``active_queues``, ``reserved`` and ``active`` (stall confirmation)."""
+
+    at: float  # our clock: when the inquiry was sent
+    queues: frozenset[str] = frozenset()
+    reserved: int = 0
+    active: int = 0
+
+
+@dataclass(frozen=True)
 class Target:
     """One thing a platform runs for a group (a process, unit, container, pod, CF instance)."""
 
@@ -93,6 +113,9 @@ class Observation:
     noreply_at: Mapping[str, float] = field(default_factory=dict)  # last ping that got no reply
     worker_queues: Mapping[str, WorkerQueues] = field(default_factory=dict)  # last active_queues reply
     census_at: float | None = None  # the last broadcast active_queues that completed (None: none yet)
+    # stall evidence from targeted remote control (supervisor/stall.py), merged by ``decide.Core``
+    worker_stats: Mapping[str, WorkerStats] = field(default_factory=dict)  # last inspect stats reply
+    stall_checks: Mapping[str, StallCheck] = field(default_factory=dict)  # last confirmation replies
     queues: Mapping[str, QueueSeen] = field(default_factory=dict)
     targets: Mapping[str, tuple[Target, ...]] = field(default_factory=dict)  # group -> targets
     platform_errors: Mapping[str, str] = field(default_factory=dict)  # group -> error text

@@ -21,7 +21,7 @@ class RestartPlan:
     group: str
     hostname: str
     target_id: str
-    rule: str  # the finding behind it: worker_lost | worker_unresponsive
+    rule: str  # the finding behind it: worker_lost | worker_unresponsive | worker_stalled
     reason: str
     budget_left: int  # restarts left in the window after this one
     canary: bool = False
@@ -81,12 +81,20 @@ def wants_restart(v: WorkerVerdict, group: GroupConfig) -> str | None:
 
 
 def plan(
-    cfg: Config, obs: Observation, verdicts: list[WorkerVerdict], state: PolicyState, target_ids: dict[str, str]
+    cfg: Config, obs: Observation, verdicts: list[WorkerVerdict], state: PolicyState, target_ids: dict[str, str],
+    stalled: dict[str, str] | None = None,
 ) -> tuple[list[RestartPlan], list[Finding]]:
     """What to restart now, and the findings the policy itself raises (gave up, mass loss, systemic).
 
-    ``target_ids``: hostname -> the platform target id that serves it.
+    ``target_ids``: hostname -> the platform target id that serves it. ``stalled``: hostname -> reason,
+    the confirmed stalls (supervisor/stall.py): restarted like lost workers, within the same budget,
+    and counted with them for the canary rule.
     """
+    stalled = stalled or {}
+
+    def wants(v: WorkerVerdict, g: GroupConfig) -> str | None:
+        return wants_restart(v, g) or ("worker_stalled" if v.hostname in stalled and v.status == "alive" else None)
+
     now = obs.now
     plans: list[RestartPlan] = []
     findings: list[Finding] = []
@@ -96,7 +104,7 @@ def plan(
     for g in cfg.groups:
         vs = [v for v in verdicts if v.group == g.name]
         mode = state.groups.setdefault(g.name, GroupMode())
-        down = [v for v in vs if wants_restart(v, g)]  # lost, dead, or hung past hung_timeout
+        down = [v for v in vs if wants(v, g)]  # lost, dead, hung past hung_timeout, or stalled
         counted = [v for v in vs if v.status not in ("retired",)]
         # ---- mass loss: restart one canary, go on only when it is back
         if mode.mode == "normal" and len(down) >= 2 and 2 * len(down) > len(counted) and g.restart is not None:
@@ -114,7 +122,7 @@ def plan(
         perr = obs.platform_errors.get(g.name)
         blocked = f"platform {g.restart.platform} unreachable: {perr}" if perr else None
         for v in vs:
-            rule = wants_restart(v, g)
+            rule = wants(v, g)
             if rule is None:
                 if v.status in ("busy", "unresponsive"):
                     silent = "silent" if v.silent_for is None else f"silent {fd(v.silent_for)}"
@@ -146,12 +154,14 @@ def plan(
             if blocked:
                 # planned from the broker's view, shown beside the platform's error, never executed
                 state.notes[v.hostname] = blocked
-                plans.append(RestartPlan(g.name, v.hostname, tid, rule, v.reason, b.left - 1, blocked=blocked))
+                reason = stalled[v.hostname] if rule == "worker_stalled" else v.reason
+                plans.append(RestartPlan(g.name, v.hostname, tid, rule, reason, b.left - 1, blocked=blocked))
                 continue
             canary = mode.mode == "canary"
             if canary:
                 mode.canary = v.hostname
-            plans.append(RestartPlan(g.name, v.hostname, tid, rule, v.reason, b.left - 1, canary))
+            reason = stalled[v.hostname] if rule == "worker_stalled" else v.reason
+            plans.append(RestartPlan(g.name, v.hostname, tid, rule, reason, b.left - 1, canary))
     for g in cfg.groups:
         findings += _mode_findings(g, state.groups[g.name])
     return plans, findings
@@ -168,7 +178,7 @@ def _mode_findings(g: GroupConfig, mode: GroupMode) -> list[Finding]:
         "systemic": f"canary {mode.canary} did not come back",
     }[mode.mode]
     findings = [Finding("group_mass_loss", g.name, "critical",
-                        f"group {g.name}: {mode.lost} of {mode.size} workers lost at once; {what}", g.name)]
+                        f"group {g.name}: {mode.lost} of {mode.size} workers lost (or stalled) at once; {what}", g.name)]
     if mode.mode == "systemic":
         findings.append(Finding(
             "group_systemic", g.name, "critical",

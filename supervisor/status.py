@@ -84,6 +84,16 @@ def _ago(now: float, t: float | None) -> str:
     return "-" if t is None else f"{fd(max(0.0, now - t))} ago"
 
 
+def _slots(w: dict) -> str:
+    """active/concurrency (issue 10): a full pool is busy, never stalled."""
+    a, c = w.get("active"), w.get("concurrency")
+    return "-" if a is None and c is None else f"{'?' if a is None else a}/{'?' if c is None else c}"
+
+
+def _num(x, unit: str = "") -> str:
+    return "-" if x is None else f"{x:g}{unit}"
+
+
 def _table(rows: list[list[str]], head: list[str]) -> list[str]:
     if not rows:
         return ["  (none)"]
@@ -104,13 +114,16 @@ def render_table(doc: dict, now: float | None = None) -> str:
         out.append(f"broker: {b.get('url')}  {'ok' if b.get('ok') else 'UNREACHABLE: ' + str(b.get('error'))}")
     out.append(f"state: {doc.get('state_path')}")
     out += ["", "WORKERS"]
-    out += _table([[w["hostname"], w["group"], w["status"],
+    out += _table([[w["hostname"], w["group"], w["status"] + (f" ({w['stall']})" if w.get("stall") else ""),
                     "-" if w.get("last_heartbeat_age") is None else f"{w['last_heartbeat_age']:.1f}s ago",
+                    _slots(w), _num(w.get("processed_rate"), "/s"),
+                    "-" if w.get("last_task_age") is None else f"{fd(w['last_task_age'])} ago",
                     w.get("target") or "-", w.get("platform_state") or "-"] for w in doc.get("workers", [])],
-                  ["HOSTNAME", "GROUP", "STATUS", "HEARTBEAT", "TARGET", "PLATFORM"])
+                  ["HOSTNAME", "GROUP", "STATUS", "HEARTBEAT", "ACTIVE", "TAKES", "LAST TASK", "TARGET", "PLATFORM"])
     out += ["", "QUEUES"]
-    out += _table([[q["name"], q.get("length"), q.get("ready"), q.get("unacked"), q.get("consumers")]
-                   for q in doc.get("queues", [])], ["NAME", "LENGTH", "READY", "UNACKED", "CONSUMERS"])
+    out += _table([[q["name"], q.get("length"), q.get("ready"), q.get("unacked"), q.get("consumers"),
+                    _num(q.get("drain_rate"), "/s") + (" SATURATED" if q.get("saturated") else "")]
+                   for q in doc.get("queues", [])], ["NAME", "LENGTH", "READY", "UNACKED", "CONSUMERS", "DRAINS"])
     out += ["", "FINDINGS"]
     out += _table([[f.get("state", "-"), f["severity"], f["rule"], f["subject"], f["summary"][:80]]
                    for f in doc.get("findings", [])], ["STATE", "SEVERITY", "RULE", "SUBJECT", "SUMMARY"])

@@ -23,10 +23,10 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 
 from supervisor import redact
-from supervisor.model import WorkerQueues
+from supervisor.model import StallCheck, WorkerQueues, WorkerStats
 from supervisor.observe.celeryapp import BrokerUnreachable, connect, describe_error, display_url, release
 
-__all__ = ["BrokerUnreachable", "Control", "ControlNews", "active_queues", "ping"]
+__all__ = ["BrokerUnreachable", "Control", "ControlNews", "active_queues", "ping", "stall_check", "stats"]
 log = logging.getLogger(__name__)
 
 
@@ -92,6 +92,60 @@ def active_queues(app: Celery, expected: int, timeout: float = 1.0) -> dict[str,
     return out
 
 
+def _targeted(app: Celery, method: str, hostnames: list[str], timeout: float) -> dict:
+    """hostname -> reply of a targeted ``inspect <method>`` (returns once every one replied)."""
+
+    def do(conn):
+        inspect = app.control.inspect(destination=hostnames, timeout=timeout, limit=len(hostnames), connection=conn)
+        return getattr(inspect, method)()
+
+    replies = _call(app, f"inspect {method}", do) or {}
+    return {h: r for h, r in replies.items() if h in hostnames}
+
+
+def _int(x) -> int | None:
+    return x if isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 10**12 else None
+
+
+def stats(app: Celery, hostnames: Iterable[str], timeout: float = 1.0, at: float = 0.0) -> dict[str, WorkerStats]:
+    """Targeted ``inspect stats``: each worker's pool size and the tasks it took (sum of ``total``)."""
+    wanted = sorted(set(hostnames))
+    if not wanted:
+        return {}
+    out = {}
+    for h, r in _targeted(app, "stats", wanted, timeout).items():
+        if not isinstance(r, dict):
+            continue
+        pool = r.get("pool") if isinstance(r.get("pool"), dict) else {}
+        conc = _int(pool.get("max-concurrency"))
+        if conc is None and isinstance(pool.get("processes"), list):
+            conc = len(pool["processes"]) or None
+        total = r.get("total") if isinstance(r.get("total"), dict) else {}
+        counts = [_int(v) for v in total.values()]
+        processed = sum(c for c in counts if c is not None)
+        out[h] = WorkerStats(at, conc, processed, _int(r.get("pid")))
+    return out
+
+
+def stall_check(app: Celery, hostnames: Iterable[str], timeout: float = 1.0, at: float = 0.0) -> dict[str, StallCheck]:
+    """Targeted ``active_queues``, ``reserved`` and ``active``: what a stall suspect consumes and holds.
+    Only workers that answered all three are returned."""
+    wanted = sorted(set(hostnames))
+    if not wanted:
+        return {}
+    queues = _targeted(app, "active_queues", wanted, timeout)
+    reserved = _targeted(app, "reserved", wanted, timeout)
+    active = _targeted(app, "active", wanted, timeout)
+    out = {}
+    for h in wanted:
+        if h not in queues or h not in reserved or h not in active:
+            continue
+        names = frozenset(q["name"] for q in (queues[h] or []) if isinstance(q, dict) and isinstance(q.get("name"), str))
+        r, a = reserved[h], active[h]
+        out[h] = StallCheck(at, names, len(r) if isinstance(r, list) else 0, len(a) if isinstance(a, list) else 0)
+    return out
+
+
 @dataclass
 class ControlNews:
     """What remote control learned since the last ``Control.collect()`` (times: our clock, when
@@ -101,6 +155,8 @@ class ControlNews:
     noreplies: dict[str, float] = field(default_factory=dict)  # a ping it did not answer
     queues: dict[str, WorkerQueues] = field(default_factory=dict)  # its reply to the census
     census_at: float | None = None  # the last census that completed
+    stats: dict[str, WorkerStats] = field(default_factory=dict)  # targeted inspect stats replies
+    checks: dict[str, StallCheck] = field(default_factory=dict)  # stall confirmation replies
     error: str | None = None  # the last round that failed (broker unreachable), scrubbed
 
 
@@ -119,6 +175,8 @@ class Control:
         self._in_flight: set[str] = set()
         self._census_pending = False
         self._census_in_flight = False
+        self._inspect_pending: dict[str, set[str]] = {"stats": set(), "check": set()}
+        self._inspect_in_flight = False
         self._news = ControlNews()
         self._threads: dict[str, threading.Thread] = {}
         self._stopping = False
@@ -142,13 +200,23 @@ class Control:
                 self._start("census", self._census_lane)
                 self._cond.notify_all()
 
+    def inspect(self, stats: Iterable[str] = (), check: Iterable[str] = ()) -> None:
+        """Targeted ``inspect stats`` (pool size, tasks taken) and stall confirmations, off the tick's path."""
+        with self._cond:
+            self._inspect_pending["stats"].update(stats)
+            self._inspect_pending["check"].update(check)
+            if any(self._inspect_pending.values()):
+                self._start("inspect", self._inspect_lane)
+                self._cond.notify_all()
+
     @property
     def busy(self) -> bool:
         with self._cond:
             return self._busy()
 
     def _busy(self) -> bool:
-        return bool(self._pending or self._in_flight or self._census_pending or self._census_in_flight)
+        return bool(self._pending or self._in_flight or self._census_pending or self._census_in_flight
+                    or any(self._inspect_pending.values()) or self._inspect_in_flight)
 
     def wait(self, timeout: float) -> bool:
         """Until every round asked for has completed (True), or ``timeout`` (False)."""
@@ -240,4 +308,37 @@ class Control:
                 else:
                     self._news.error = error
                 self._census_in_flight = False
+                self._cond.notify_all()
+
+    def _inspect_lane(self) -> None:
+        while True:
+            with self._cond:
+                while not any(self._inspect_pending.values()) and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                want = {k: sorted(v) for k, v in self._inspect_pending.items()}
+                for v in self._inspect_pending.values():
+                    v.clear()
+                self._inspect_in_flight = True
+            at = self.clock()
+            got_stats, got_checks, error = {}, {}, None
+            try:
+                if want["stats"]:
+                    got_stats = stats(self.app, want["stats"], self.timeout, at)
+                if want["check"]:
+                    got_checks = stall_check(self.app, want["check"], self.timeout, at)
+            except Exception as e:
+                error = redact.scrub(e)
+                log.debug("inspect round failed: %s", error)
+            with self._cond:
+                for h, st in got_stats.items():
+                    self._news.stats[h] = st
+                    self._news.pongs[h] = max(at, self._news.pongs.get(h, at))
+                for h, c in got_checks.items():
+                    self._news.checks[h] = c
+                    self._news.pongs[h] = max(at, self._news.pongs.get(h, at))
+                if error:
+                    self._news.error = error
+                self._inspect_in_flight = False
                 self._cond.notify_all()

@@ -1,8 +1,16 @@
 """Following worker heartbeats: worker-online / worker-heartbeat / worker-offline, on our own clock.
 
-``HeartbeatSource`` is the small interface the loop uses; ``EventReceiverSource`` implements it
-with celery's event receiver, bound to ``worker.#`` only (no task event ever reaches us: on
-Redis the server filters the pattern itself) and never broadcasting ``enable_events``.
+``HeartbeatSource`` is the small interface the loop uses; ``make_source`` picks its implementation:
+
+- ``RedisHeartbeatSource`` (supervisor.observe.redis_heartbeats) for every Redis broker: redis-py
+  subscribed to kombu's own fanout pattern for ``worker.#``, a sixth of celery's receiver's cost;
+- ``EventReceiverSource`` (here) for RabbitMQ and the rest: celery's event receiver, bound to
+  ``worker.#`` only (no task event ever reaches us) and never broadcasting ``enable_events``.
+
+Both share ``ThreadedSource``: the background thread with its reconnect backoff and outage
+bookkeeping (``listening_since``, ``error``), and ``apply_event``, the one place where an event
+updates the fixed record kept per worker, a ``WorkerSeen`` in snapshots (hostnames checked
+first, see supervisor.hostnames).
 
 Every event is stamped with the supervisor's clock at arrival, never the worker's timestamp:
 a worker with a wrong clock, or events delayed in the broker, must not make a worker look
@@ -18,7 +26,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from celery import Celery
 from kombu import Consumer
@@ -82,55 +90,82 @@ def default_node_id() -> str:
     return base if n == 0 else f"{base}.{n}"
 
 
-class EventReceiverSource(HeartbeatSource):
-    """Celery's event receiver in a daemon thread, reconnecting with capped backoff.
+class WorkerRecord:
+    """The fixed record kept per worker (nothing per event is kept beyond it). Updated in place by
+    ``apply_event``; ``seen()`` is its immutable ``WorkerSeen``, built at most once per change (a
+    snapshot per tick, not an object per heartbeat)."""
 
-    - Bound to ``worker.#`` only, under a stable node id (one queue, one Redis binding member,
-      whatever the number of reconnects; a clean ``stop()`` removes the member).
-    - On each (re)connect it broadcasts the control command ``heartbeat`` (``wakeup``), so that
-      every live worker shows up at once instead of within its 2 s interval.
-    - A broker that dies is noticed at once (the socket closes); one that goes silent is noticed
-      by AMQP heartbeats (``amqp_heartbeat``, about 2-3 of them) or, on Redis, by a PING every
-      ``liveness_interval`` bounded by the socket timeout (``connect_timeout``).
+    __slots__ = ("hostname", "last_heartbeat", "online_at", "offline_at", "active", "processed", "pid", "freq",
+                 "_seen")
+
+    def __init__(self, hostname: str):
+        self.hostname = hostname
+        self.last_heartbeat = self.online_at = self.offline_at = None
+        self.active = self.processed = self.pid = self.freq = None
+        self._seen: WorkerSeen | None = None
+
+    def seen(self) -> WorkerSeen:
+        s = self._seen
+        if s is None:
+            s = self._seen = WorkerSeen(
+                hostname=self.hostname, last_heartbeat=self.last_heartbeat, online_at=self.online_at,
+                offline_at=self.offline_at, active=self.active, processed=self.processed, pid=self.pid,
+                freq=self.freq)
+        return s
+
+
+def apply_event(rec: WorkerRecord, kind: str, event: dict, now: float) -> None:
+    """What one worker event (already known to carry an acceptable hostname) makes of the record
+    kept for that worker, stamped ``now`` on our clock (the worker's own timestamp is never used)."""
+    rec._seen = None
+    if kind == "worker-offline":
+        rec.offline_at = now
+        return
+    rec.last_heartbeat = now
+    rec.offline_at = None
+    if kind == "worker-online":
+        rec.online_at = now
+    get = event.get
+    rec.active = _int(get("active"), rec.active)
+    rec.processed = _int(get("processed"), rec.processed)
+    rec.pid = _int(get("pid"), rec.pid)
+    rec.freq = _float(get("freq"), rec.freq)
+
+
+class ThreadedSource(HeartbeatSource):
+    """What both sources share: a daemon thread that runs ``_consume`` (connect, listen until stopped
+    or broken) again and again with capped backoff, the fixed record per worker, and the outage
+    bookkeeping.
+
     - ``snapshot().listening_since`` is None while disconnected and the time consuming resumed
-      after a reconnect; ``snapshot().error`` says why it is down (None while consuming);
-      ``last_error`` keeps the last one.
-    - ``stop()`` returns within about ``drain_interval`` (0.5 s), or ``timeout`` at worst while
-      a connect attempt to a silent broker is in progress (the daemon thread then ends alone).
+      after a reconnect (set by ``_listening()``); ``snapshot().error`` says why it is down (None
+      while consuming); ``last_error`` keeps the last one.
+    - ``_on_worker_event`` / ``_on_other_event`` / ``_bad_message`` take what the stream decoded.
     """
-
-    routing_key = "worker.#"
 
     def __init__(
         self,
-        app: Celery,
         clock: Callable[[], float] = time.time,
         node_id: str | None = None,
         on_event: EventCallback | None = None,
         *,
-        wakeup: bool = True,
         backoff: tuple[float, float] = (0.5, 5.0),
-        drain_interval: float = 0.5,
-        liveness_interval: float = 5.0,
-        amqp_heartbeat: float = 5.0,
+        display: str = "the broker",
     ):
-        self.app = app
         self.clock = clock
         self.node_id = node_id or default_node_id()
         self.on_event = on_event
-        self.wakeup = wakeup
         self.backoff = backoff
-        self.drain_interval = drain_interval
-        self.liveness_interval = liveness_interval
-        self.amqp_heartbeat = amqp_heartbeat
-        broker = broker_of(app)
-        self.connect_timeout = float(broker.connect_timeout) if broker is not None else 3.0
+        self.display = display  # the broker's redacted URL, for messages
         self._lock = threading.Lock()
-        self._workers: dict[str, WorkerSeen] = {}
+        self._workers: dict[str, WorkerRecord] = {}
         self._listening_since: float | None = None
         self._error: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # anyone who can publish to the broker can forge an event: a hostname with whitespace, a
+        # quote, a control character or a leading "-" is refused (logged once per hostname)
+        self._refusals = Refusals(log, "worker events")
         self.connects = 0  # successful (re)connections, for tests and narration
         self.other_events = 0  # events that are not worker-* (should stay 0)
         self.bad_messages = 0  # undecodable or malformed event messages, ignored
@@ -154,7 +189,8 @@ class EventReceiverSource(HeartbeatSource):
 
     def snapshot(self) -> HeartbeatSnapshot:
         with self._lock:
-            return HeartbeatSnapshot(dict(self._workers), self._listening_since, self._error)
+            return HeartbeatSnapshot({h: r.seen() for h, r in self._workers.items()}, self._listening_since,
+                                     self._error)
 
     def forget(self, hostnames) -> None:
         with self._lock:
@@ -171,37 +207,22 @@ class EventReceiverSource(HeartbeatSource):
         hostname = event.get("hostname")
         if not hostname:
             return
-        # anyone who can publish to the broker can forge an event: a hostname with whitespace, a
-        # quote, a control character or a leading "-" is refused (logged once per hostname)
-        refusals = getattr(self, "_refusals", None)
-        if refusals is None:
-            refusals = self._refusals = Refusals(log, "worker events")
-        if not refusals.accept(hostname):
+        # a hostname already on record was accepted then: checked once, not on every heartbeat
+        if not (type(hostname) is str and hostname in self._workers) and not self._refusals.accept(hostname):
             return
         now = self.clock()
         with self._lock:
-            seen = self._workers.get(hostname) or WorkerSeen(hostname=hostname)
-            if kind == "worker-offline":
-                seen = replace(seen, offline_at=now)
-            else:
-                seen = replace(
-                    seen,
-                    last_heartbeat=now,
-                    offline_at=None,
-                    online_at=now if kind == "worker-online" else seen.online_at,
-                    active=_int(event.get("active"), seen.active),
-                    processed=_int(event.get("processed"), seen.processed),
-                    pid=_int(event.get("pid"), seen.pid),
-                    freq=_float(event.get("freq"), seen.freq),
-                )
-            self._workers[hostname] = seen
+            rec = self._workers.get(hostname)
+            if rec is None:
+                rec = self._workers[hostname] = WorkerRecord(hostname)
+            apply_event(rec, kind, event, now)
         self._narrate(kind, hostname, now)
 
     def _on_other_event(self, event: dict) -> None:
         self.other_events += 1
         self._narrate(str(event.get("type", "?")), str(event.get("hostname", "")), self.clock())
 
-    def _bad_message(self, exc: BaseException) -> None:
+    def _bad_message(self, exc: BaseException | str) -> None:
         self.bad_messages += 1
         if self.bad_messages == 1 or self.bad_messages % 1000 == 0:
             log.warning(
@@ -220,6 +241,14 @@ class EventReceiverSource(HeartbeatSource):
             log.exception("heartbeat on_event callback failed")
 
     # ------------------------------------------------------------------ the thread
+    def _listening(self) -> None:
+        """Called by ``_consume`` once it receives: the stream is up again, from now on."""
+        with self._lock:
+            self._listening_since = self.clock()
+            self._error = None
+        self.connects += 1
+        log.info("listening to worker heartbeats on %s", self.display)
+
     def _run(self) -> None:
         delay = self.backoff[0]
         while not self._stop.is_set():
@@ -229,7 +258,7 @@ class EventReceiverSource(HeartbeatSource):
                 with self._lock:
                     self._listening_since = None
             except Exception as exc:  # anything at all: record it, back off, reconnect
-                msg = redact.scrub(f"event stream from {display_url(self.app)}: {describe_error(exc)}")
+                msg = redact.scrub(f"event stream from {self.display}: {describe_error(exc)}")
                 with self._lock:  # both at once: a reader never sees "down" without its reason
                     self._listening_since = None
                     self._error = msg
@@ -238,6 +267,54 @@ class EventReceiverSource(HeartbeatSource):
             if self._stop.wait(delay):
                 break
             delay = min(delay * 2, self.backoff[1])
+
+    def _consume(self) -> None:
+        """Connect, call ``_listening()``, deliver events until ``self._stop`` is set (return) or the
+        connection breaks (raise)."""
+        raise NotImplementedError
+
+
+class EventReceiverSource(ThreadedSource):
+    """Celery's event receiver in a daemon thread, reconnecting with capped backoff.
+
+    - Bound to ``worker.#`` only, under a stable node id (one queue, one Redis binding member,
+      whatever the number of reconnects; a clean ``stop()`` removes the member).
+    - On each (re)connect it broadcasts the control command ``heartbeat`` (``wakeup``), so that
+      every live worker shows up at once instead of within its 2 s interval.
+    - A broker that dies is noticed at once (the socket closes); one that goes silent is noticed
+      by AMQP heartbeats (``amqp_heartbeat``, about 2-3 of them) or, on Redis, by a PING every
+      ``liveness_interval`` bounded by the socket timeout (``connect_timeout``).
+    - On Redis it sleeps ``batch_interval`` (50 ms) after each batch it reads, so that it wakes a
+      few times a second whatever the event rate (the lean source does the same).
+    - ``stop()`` returns within about ``drain_interval`` (0.5 s), or ``timeout`` at worst while
+      a connect attempt to a silent broker is in progress (the daemon thread then ends alone).
+    """
+
+    routing_key = "worker.#"
+
+    def __init__(
+        self,
+        app: Celery,
+        clock: Callable[[], float] = time.time,
+        node_id: str | None = None,
+        on_event: EventCallback | None = None,
+        *,
+        wakeup: bool = True,
+        backoff: tuple[float, float] = (0.5, 5.0),
+        drain_interval: float = 0.5,
+        liveness_interval: float = 5.0,
+        amqp_heartbeat: float = 5.0,
+        batch_interval: float = 0.05,
+    ):
+        super().__init__(clock, node_id, on_event, backoff=backoff, display=display_url(app))
+        self.batch_interval = batch_interval  # Redis: sleep after each batch (0: wake per message)
+        self.app = app
+        self.wakeup = wakeup
+        self.drain_interval = drain_interval
+        self.liveness_interval = liveness_interval
+        self.amqp_heartbeat = amqp_heartbeat
+        broker = broker_of(app)
+        self.connect_timeout = float(broker.connect_timeout) if broker is not None else 3.0
 
     def _consume(self) -> None:
         is_amqp = getattr(broker_of(self.app), "scheme", "") in ("amqp", "amqps", "pyamqp")
@@ -271,11 +348,7 @@ class EventReceiverSource(HeartbeatSource):
                 on_decode_error=lambda message, exc: self._bad_message(exc),
             )
             consumer.consume()
-            with self._lock:
-                self._listening_since = self.clock()
-                self._error = None
-            self.connects += 1
-            log.info("listening to worker heartbeats on %s", display_url(self.app))
+            self._listening()
             if self.wakeup:
                 # ask every worker for a heartbeat now (a control `heartbeat`, not enable_events)
                 try:
@@ -283,9 +356,15 @@ class EventReceiverSource(HeartbeatSource):
                 except Exception as exc:
                     log.debug("could not wake workers: %s", redact.scrub(exc))
             last_check = time.monotonic()
+            # on Redis one drain_events reads every message the socket holds: sleeping after it lets
+            # the next ones pile up (one wake-up per batch, not per message). Not on AMQP, where a
+            # drain_events delivers one message.
+            batch = 0.0 if is_amqp else self.batch_interval
             while not self._stop.is_set():
                 try:
                     conn.drain_events(timeout=self.drain_interval)
+                    if batch:
+                        time.sleep(batch)
                 except TimeoutError:  # socket.timeout
                     pass
                 if is_amqp:
@@ -325,3 +404,38 @@ def _float(v, default):
         return float(v) if v is not None else default
     except (TypeError, ValueError):
         return default
+
+
+# which source follows the heartbeats: "auto" (the default: the lean one on Redis, celery's receiver
+# elsewhere), "redis" or "kombu" (celery's receiver on Redis too: an escape hatch, should a Redis
+# proxy or a fleet's transport need kombu's own reader)
+SOURCE_ENV = "SUPERVISOR_HEARTBEAT_SOURCE"
+
+
+def source_kind(broker, environ=None) -> str:
+    """"redis" (RedisHeartbeatSource) or "kombu" (EventReceiverSource) for this broker."""
+    wanted = (os.environ if environ is None else environ).get(SOURCE_ENV, "auto").strip().lower() or "auto"
+    if wanted not in ("auto", "redis", "kombu"):
+        log.warning("%s=%r is not auto, redis or kombu: using auto", SOURCE_ENV, wanted[:40])
+        wanted = "auto"
+    is_redis = broker is not None and broker.is_redis
+    if wanted == "kombu" or not is_redis:
+        return "kombu"
+    return "redis"
+
+
+def make_source(
+    app: Celery,
+    broker=None,
+    clock: Callable[[], float] = time.time,
+    on_event: EventCallback | None = None,
+    **kwargs,
+) -> ThreadedSource:
+    """The heartbeat source for this broker (``broker``: a BrokerConfig, by default the app's):
+    the lean Redis reader for every Redis-family URL, celery's event receiver for the rest."""
+    broker = broker if broker is not None else broker_of(app)
+    if source_kind(broker) == "redis":
+        from supervisor.observe.redis_heartbeats import RedisHeartbeatSource
+
+        return RedisHeartbeatSource(broker, clock=clock, on_event=on_event, app=app, **kwargs)
+    return EventReceiverSource(app, clock=clock, on_event=on_event, **kwargs)

@@ -4,6 +4,9 @@ What an on-call engineer relies on: a running worker shows up within a heartbeat
 SIGKILLed one simply stops heartbeating (no worker-offline ever comes, so nothing may pretend
 it left gracefully); a SIGTERMed one says worker-offline; task events never reach us even when
 someone turned them on; and a broker outage is survived without piling up bindings in Redis.
+
+The same suite runs against both sources: celery's event receiver (``kombu``, on Redis and RabbitMQ)
+and the lean Redis reader (``lean``, what the supervisor uses on every Redis broker).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import redis
 
 from supervisor.config import BrokerConfig
 from supervisor.observe.celeryapp import make_app
-from supervisor.observe.heartbeats import EventReceiverSource, HeartbeatSnapshot
+from supervisor.observe.heartbeats import EventReceiverSource, HeartbeatSnapshot, ThreadedSource
+from supervisor.observe.redis_heartbeats import RedisHeartbeatSource
 from tests.support.brokers import free_port
 from tests.support.workers import celery_app, wait_ping
 
@@ -127,9 +131,23 @@ class AllEvents(EventReceiverSource):
     routing_key = "#"
 
 
-@pytest.fixture(params=["redis", "rabbitmq"])
+def new_source(kind: str, broker: BrokerConfig, **kwargs) -> ThreadedSource:
+    """A source of ``kind``: "kombu" (celery's event receiver) or "lean" (RedisHeartbeatSource)."""
+    if kind == "lean":
+        kwargs.pop("amqp_heartbeat", None)
+        return RedisHeartbeatSource(broker, app=make_app(broker), **kwargs)
+    return EventReceiverSource(make_app(broker), **kwargs)
+
+
+@pytest.fixture(params=["kombu", "lean"])
+def kind(request) -> str:
+    """Which source a Redis-only test runs against."""
+    return request.param
+
+
+@pytest.fixture(params=["redis-kombu", "redis-lean", "rabbitmq-kombu"])
 def broker(request, uid) -> BrokerConfig:
-    if request.param == "redis":
+    if request.param.startswith("redis"):
         url = request.getfixturevalue("redis_url")
         # the fleet's own options, key prefix included: the events must still flow
         return BrokerConfig(url=url, transport_options={"global_keyprefix": f"{uid}:"}, connect_timeout=2)
@@ -137,10 +155,16 @@ def broker(request, uid) -> BrokerConfig:
 
 
 @pytest.fixture
-def sources():
-    started: list[EventReceiverSource] = []
+def make(request):
+    """``make(broker, **kwargs)``: a new source of the kind the ``broker`` parameter names."""
+    return lambda broker, **kwargs: new_source(request.node.callspec.params["broker"].split("-")[1], broker, **kwargs)
 
-    def _start(src: EventReceiverSource) -> EventReceiverSource:
+
+@pytest.fixture
+def sources():
+    started: list[ThreadedSource] = []
+
+    def _start(src: ThreadedSource) -> ThreadedSource:
         started.append(src)
         src.start()
         return src
@@ -154,15 +178,15 @@ def client_for(broker: BrokerConfig):
     return celery_app(broker.url.get_secret_value(), broker.transport_options or None)
 
 
-def seen(src: EventReceiverSource, hostname: str):
+def seen(src: ThreadedSource, hostname: str):
     return src.snapshot().workers.get(hostname)
 
 
-def test_worker_seen_on_our_clock_and_sigkill_sends_nothing(broker, uid, spawn, sources):
+def test_worker_seen_on_our_clock_and_sigkill_sends_nothing(broker, make, uid, spawn, sources):
     # A clock 1000 s ahead of the worker's: every time we record must come from it.
     skew = 1000.0
     events = Events()
-    src = sources(EventReceiverSource(make_app(broker), clock=lambda: time.time() + skew, on_event=events))
+    src = sources(make(broker, clock=lambda: time.time() + skew, on_event=events))
     wait_for(lambda: src.snapshot().listening_since, 5, what="listening")
     hostname = f"celery@{uid}-hb"
     w = spawn(broker, hostname)
@@ -191,8 +215,8 @@ def test_worker_seen_on_our_clock_and_sigkill_sends_nothing(broker, uid, spawn, 
     assert isinstance(snap, HeartbeatSnapshot) and snap.error is None and snap.listening_since is not None
 
 
-def test_sigterm_sets_offline_at(broker, uid, spawn, sources):
-    src = sources(EventReceiverSource(make_app(broker)))
+def test_sigterm_sets_offline_at(broker, make, uid, spawn, sources):
+    src = sources(make(broker))
     hostname = f"celery@{uid}-term"
     w = spawn(broker, hostname)
     wait_ping(client_for(broker), hostname, timeout=30)
@@ -208,10 +232,9 @@ def test_sigterm_sets_offline_at(broker, uid, spawn, sources):
     assert seen(src, hostname).offline_at == ws.offline_at
 
 
-def test_task_events_never_reach_the_source(broker, uid, spawn, sources):
+def test_task_events_never_reach_the_source(broker, make, uid, spawn, sources):
     ours, everything = Events(), Events()
-    app = make_app(broker)
-    src = sources(EventReceiverSource(app, on_event=ours))
+    src = sources(make(broker, on_event=ours))
     flower_like = sources(AllEvents(make_app(broker), on_event=everything))
     wait_for(
         lambda: src.snapshot().listening_since and flower_like.snapshot().listening_since, 5, what="listening"
@@ -235,9 +258,9 @@ def test_task_events_never_reach_the_source(broker, uid, spawn, sources):
     assert flower_like.other_events >= 10  # the task events were there to be had
 
 
-def test_broker_outage_then_heartbeats_resume(own_redis, uid, spawn, sources):
+def test_broker_outage_then_heartbeats_resume(own_redis, kind, uid, spawn, sources):
     broker = BrokerConfig(url=f"{own_redis.url}/0", connect_timeout=1)
-    src = sources(EventReceiverSource(make_app(broker), backoff=(0.2, 1.0)))
+    src = sources(new_source(kind, broker, backoff=(0.2, 1.0)))
     hostname = f"celery@{uid}-out"
     spawn(broker, hostname)
     wait_ping(client_for(broker), hostname, timeout=30)
@@ -268,13 +291,16 @@ def test_broker_outage_then_heartbeats_resume(own_redis, uid, spawn, sources):
     assert not src.running
 
 
-def test_reconnects_do_not_grow_the_binding_set(own_redis, sources):
+def test_reconnects_do_not_grow_the_binding_set(own_redis, kind, sources):
     broker = BrokerConfig(url=f"{own_redis.url}/0", connect_timeout=1)
     r = redis.Redis.from_url(broker.url.get_secret_value())
-    src = sources(EventReceiverSource(make_app(broker), backoff=(0.1, 0.5)))
+    src = sources(new_source(kind, broker, backoff=(0.1, 0.5)))
     wait_for(lambda: src.snapshot().listening_since, 5, what="listening")
     members = r.smembers(BINDINGS)
-    assert len(members) == 1 and src.node_id.encode() in next(iter(members))
+    if kind == "lean":  # a plain PSUBSCRIBE: nothing is written to Redis at all
+        assert members == set()
+    else:
+        assert len(members) == 1 and src.node_id.encode() in next(iter(members))
 
     for n in range(3):
         connects = src.connects
@@ -291,7 +317,7 @@ def test_reconnects_do_not_grow_the_binding_set(own_redis, sources):
     assert r.smembers(BINDINGS) == set()
 
 
-def test_unreachable_broker_is_reported_not_raised(sources):
+def test_unreachable_broker_is_reported_not_raised(kind, sources):
     # a password in the URL, a closed port, and a port that accepts but never answers
     hole = socket.socket()
     hole.bind(("127.0.0.1", 0))
@@ -299,7 +325,7 @@ def test_unreachable_broker_is_reported_not_raised(sources):
     try:
         for port in (free_port(), hole.getsockname()[1]):
             broker = BrokerConfig(url=f"redis://:hunter2secret@127.0.0.1:{port}/0", connect_timeout=0.5)
-            src = sources(EventReceiverSource(make_app(broker), backoff=(0.2, 0.5)))
+            src = sources(new_source(kind, broker, backoff=(0.2, 0.5)))
             snap = wait_for(lambda s=src: s.snapshot().error and s.snapshot(), 5, what="an error")
             assert snap.listening_since is None and snap.workers == {}
             assert f"127.0.0.1:{port}" in snap.error
@@ -347,5 +373,42 @@ def test_rabbitmq_cut_and_silent_connections_are_survived(rabbitmq_url, uid, spa
         since = wait_for(lambda: src.snapshot().listening_since, 15, what="reconnect after the silence")
         assert since >= healed
         wait_for(lambda: seen(src, hostname).last_heartbeat > since, 5, what="heartbeats after the silence")
+    finally:
+        proxy.close()
+
+
+def test_redis_cut_and_silent_connections_are_survived(redis_url, kind, uid, spawn, sources):
+    # the worker talks to Redis directly; only the source goes through a proxy that can cut its
+    # connection or go silent (no FIN, no RST): a PING every liveness_interval finds the silence
+    direct = BrokerConfig(url=redis_url, connect_timeout=1)
+    parts = urlsplit(redis_url)
+    proxy = TcpProxy((parts.hostname or "127.0.0.1", parts.port or 6379))
+    via_proxy = BrokerConfig(url=urlunsplit(parts._replace(netloc=f"127.0.0.1:{proxy.port}")), connect_timeout=1)
+    try:
+        src = sources(new_source(kind, via_proxy, backoff=(0.2, 1.0), liveness_interval=1.0))
+        hostname = f"celery@{uid}-rcut"
+        spawn(direct, hostname)
+        wait_ping(client_for(direct), hostname, timeout=30)
+        wait_for(lambda: seen(src, hostname), 5, what=f"{hostname} seen")
+        first = src.snapshot().listening_since
+
+        # 1. the connection is cut: noticed, re-subscribed, heartbeats flow again
+        cut = time.time()
+        proxy.kill()
+        since = wait_for(lambda: (s := src.snapshot().listening_since) and s > cut and s, 10, what="reconnect")
+        assert since > first and src.connects >= 2
+        wait_for(lambda: seen(src, hostname).last_heartbeat > since, 6, what="heartbeats after the cut")
+
+        # 2. silence: the PING goes unanswered, the stream is reported down with the reason
+        proxy.mode = "blackhole"
+        snap = wait_for(lambda: (s := src.snapshot()).listening_since is None and s, 15, what="silence noticed")
+        assert snap.error and f"127.0.0.1:{proxy.port}" in snap.error
+        assert src.running
+        healed = time.time()
+        proxy.mode = "forward"
+        proxy.kill()
+        since = wait_for(lambda: src.snapshot().listening_since, 15, what="reconnect after the silence")
+        assert since >= healed and src.snapshot().error is None
+        wait_for(lambda: seen(src, hostname).last_heartbeat > since, 6, what="heartbeats after the silence")
     finally:
         proxy.close()

@@ -203,7 +203,7 @@ class TestErrors:
     def test_cross_checks(self):
         data = groups(group(queues=["nope"]))
         data["queues"] = [{"name": "default"}]
-        assert errors_of(data) == [("groups.0.queues.0", "queue 'nope' is not declared under queues")]
+        assert parse_config(data, env={}).groups[0].queues == ["nope"]  # issue 10: no `queues` entry needed
         errs = errors_of({**MINIMAL, "groups": [group(name="a"), group(name="a")]})
         assert errs == [("groups", "group names must be unique: a")]
         errs = errors_of({**MINIMAL, "queues": [{"name": "q", "warning": 10, "critical": 5}]})

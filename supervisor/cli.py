@@ -75,13 +75,18 @@ def _state_problem(e: Exception) -> str:
     return msg if "loop.state_path" in msg else f"{msg} (fix loop.state_path: a file this user can create, read and write)"
 
 
-def load(path: str):
-    """The config, or exit 2 printing every error with its path (never a traceback, never a secret)."""
+def load(path: str, stdout_prefix: str | None = None):
+    """The config, or exit 2 printing every error with its path (never a traceback, never a secret).
+    ``stdout_prefix``: also one line on stdout (`nagios`: the monitoring system shows only stdout)."""
     from supervisor.config import ConfigError, load_config
 
     try:
         return load_config(path)
     except ConfigError as e:
+        if stdout_prefix is not None:
+            p, msg = e.errors[0]
+            more = f" (and {len(e.errors) - 1} more: supervisor check-config)" if len(e.errors) > 1 else ""
+            click.echo(f"{stdout_prefix}invalid config {path}: {f'{p}: ' if p else ''}{msg}{more}")
         click.echo(f"{path}: invalid config ({len(e.errors)} error{'s' if len(e.errors) != 1 else ''}):", err=True)
         for p, msg in e.errors:
             click.echo(f"  {p}: {msg}" if p else f"  {msg}", err=True)
@@ -130,8 +135,11 @@ def check_config(config_path: str) -> None:
         match = ", ".join(g.workers + g.hostnames)
         lines.append(f"  group {g.name}: {match}; min_workers {g.min_workers}; {how}")
     for q in cfg.queues:
-        lines.append(f"  queue {q.name}: warning {q.warning}, critical {q.critical}, for {q.for_:g}s, "
-                     f"min_consumers {q.min_consumers}")
+        def off(x):  # an unset threshold is off, not "None"
+            return "off" if x is None else x
+
+        lines.append(f"  queue {q.name}: warning {off(q.warning)}, critical {off(q.critical)}, for {q.for_:g}s, "
+                     f"min_consumers {off(q.min_consumers)}")
     for c in cfg.notify.channels:
         lines.append(f"  channel {c.name}: {redact.redact_apprise_url(c.url.get_secret_value())} "
                      f"({', '.join(c.severities)})")
@@ -154,7 +162,8 @@ def _print_report(report, cfg) -> None:
         for q in doc["queues"]:
             extra = f" consumers={q['consumers']}" if q["consumers"] is not None else ""
             err = f" ERROR {q['error']}" if q["error"] else ""
-            click.echo(f"  {q['name']:<32} length={q['length']}{extra}{err}")
+            length = "unknown" if q["length"] is None else q["length"]
+            click.echo(f"  {q['name']:<32} length={length}{extra}{err}")
     if doc["findings"]:
         click.echo("findings:")
         for f in doc["findings"]:
@@ -266,7 +275,7 @@ def _one_pass(cfg, dry_run: bool, flush: float, on_error: str | None = None, sta
 def nagios(config_path: str, log_level: str) -> None:
     """One Nagios plugin line with perfdata. Observes only: restarts and alerts nothing."""
     setup_logging("ERROR" if log_level.upper() == "INFO" else log_level)
-    cfg = load(config_path)
+    cfg = load(config_path, stdout_prefix="CELERY CRITICAL - ")
     from supervisor.nagios import nagios_line
 
     report = _one_pass(cfg, dry_run=True, flush=0.0, on_error="CELERY UNKNOWN - ", state=None)
@@ -444,6 +453,30 @@ def reset(config_path: str, target: str) -> None:
         click.echo(f"cleared {n} restart(s) of {target}: its budget is full again")
     finally:
         store.close()
+
+
+# ---------------------------------------------------------------- the shipped deployment files (issue 12)
+def _shipped_names() -> list[str]:
+    from supervisor.shipped import FILES
+
+    return list(FILES)
+
+
+def _shipped_help() -> str:
+    from supervisor.shipped import FILES
+
+    return "\b\n" + "\n".join(f"  {name:<15} {path}: {what}" for name, (path, what) in FILES.items())
+
+
+@main.command("print", help="Print a deployment file the package ships, to redirect where it belongs:\n\n"
+                            + _shipped_help() + "\n\n\b\ne.g. supervisor print unit > "
+                            "/etc/systemd/system/celery-supervisor.service")
+@click.argument("name", type=click.Choice(_shipped_names()))
+@no_traceback()
+def print_file(name: str) -> None:
+    from supervisor.shipped import read
+
+    click.echo(read(name), nl=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from supervisor import redact
+from supervisor import hostnames, redact
 from supervisor.durations import format_duration, parse_duration
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
@@ -502,6 +502,9 @@ class GroupConfig(_Model):
         for h in v:
             if "@" not in h or any(c in h for c in "*?["):
                 raise ValueError(f"{h!r} is not a full Celery hostname such as celery@web-1 (globs go in hostnames)")
+            why = hostnames.problem(h)
+            if why:  # events of such a hostname are refused: the worker could never be seen alive
+                raise ValueError(f"{hostnames.shown(h)} cannot be a Celery hostname ({why})")
         return v
 
     @model_validator(mode="after")

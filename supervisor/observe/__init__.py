@@ -3,7 +3,9 @@
 Modules (imported lazily: celery and kombu cost a few tenths of a second):
 
 - ``celeryapp``: ``make_app(broker)``, ``check_broker(app, timeout)``, ``BrokerUnreachable``
-- ``heartbeats``: ``HeartbeatSource``, ``HeartbeatSnapshot``, ``EventReceiverSource``
+- ``heartbeats``: ``HeartbeatSource``, ``HeartbeatSnapshot``, ``EventReceiverSource`` (kombu, RabbitMQ),
+  ``make_source(app, broker)`` (picks the source for a broker)
+- ``redis_heartbeats``: ``RedisHeartbeatSource`` (the lean source for Redis brokers)
 - ``control``: ``ping(app, hostnames, timeout)``, ``active_queues(app, expected, timeout)``
 - ``queues``: ``QueueReader(broker, app).read(names)``
 """
@@ -20,6 +22,8 @@ _EXPORTS = {
     "HeartbeatSource": "heartbeats",
     "HeartbeatSnapshot": "heartbeats",
     "EventReceiverSource": "heartbeats",
+    "make_source": "heartbeats",
+    "RedisHeartbeatSource": "redis_heartbeats",
     "ping": "control",
     "active_queues": "control",
     "QueueReader": "queues",

@@ -95,31 +95,41 @@ def test_forged_heartbeats_with_hostile_hostnames_inject_nothing(redis_url, tmp_
     assert "Traceback" not in out
 
 
-def test_a_config_hostname_with_spaces_stays_one_argv_word(redis_url, tmp_path, uid):
-    """Config is trusted, so an explicit ``workers:`` entry with a space is used, but as data: the
-    command gets it as one word, and what it spells is not an option."""
+def test_a_hostname_with_spaces_is_refused_by_the_config_and_stays_one_argv_word(redis_url, tmp_path, uid):
+    """An explicit ``workers:`` entry with a space is refused by check-config (its events would be
+    refused: it could never be seen alive). Should such a hostname reach the local platform anyway,
+    it is data: the command gets it as one word, and what it spells is not an option."""
+    from platforms.local import Adapter
+    from supervisor.config import load_config
+    from supervisor.model import Target
+
     injected = tmp_path / "injected-cfg.log"
     hostname = f"celery@cfg-{uid} --logfile={injected}"
     out = tmp_path / "argv.json"
     code = "import json,os,sys,time; json.dump(sys.argv[1:], open(os.environ['ARGV_OUT'], 'w')); time.sleep(120)"
-    cfg = write_config(tmp_path / "supervisor.yaml", {
+    doc = {
         "broker": {"url": redis_url},
         "loop": {"state_path": str(tmp_path / "state.db")},
         "groups": [{"name": "g", "workers": [hostname], "heartbeat_timeout": "3s",
                     "restart": {"platform": "local", "target": shlex.join([sys.executable, "-c", code]) + " -n {hostname}",
                                 "env": {"ARGV_OUT": str(out)}}}],
         "ha": {"lease": "off"},
-    })
+    }
+    r = run_cli("check-config", "-c", write_config(tmp_path / "bad.yaml", doc), timeout=30)
+    assert r.rc == 2 and "groups.0.workers: " in r.err and "cannot be a Celery hostname (holds whitespace)" in r.err, r
+    assert "Traceback" not in r.out + r.err
+    doc["groups"][0]["workers"] = [f"celery@cfg-{uid}"]
+    adapter = Adapter(load_config(write_config(tmp_path / "good.yaml", doc)))
     run_dir = tmp_path / "supervisor-local"
     try:
-        r = run_cli("once", "-c", cfg, "--json", timeout=90)
-        acts = [a for a in r.json["actions"] if a["kind"] == "restart"]
-        assert [(a["hostname"], a["executed"]) for a in acts] == [(hostname, True)], str(r)
-        assert f"-n '{hostname}'" in acts[0]["command"]
+        res = adapter.restart(Target(id="x", group="g", hostname=hostname), "test")
+        assert res.ok, res
+        assert f"-n '{hostname}'" in adapter.describe(Target(id="x", group="g", hostname=hostname))
         wait_until(out.exists, 30, what="the started command writing its argv")
         assert json.loads(out.read_text()) == ["-n", hostname]
         assert not injected.exists()
     finally:
         kill_pids(pidfile_pids(run_dir))
+        adapter.close()
     assert not [p for p in pidfile_pids(run_dir) if pid_alive(p)]
 

@@ -28,6 +28,11 @@ included, children not) from the first trial's start to the end of the last tria
 core over that same wall time, peak RSS (VmHWM at the end, plus the max of VmRSS sampled every
 100 ms).
 
+Then (``Extra``, its own redis-server and 3 workers): heartbeat-only detection, --hb-trials
+SIGKILLs of an alert-only group's workers, kill -> the supervisor logs ``FIRING worker_lost``; and
+`supervisor once --json` vs `celery inspect ping` on the healthy fleet, --once-trials each,
+alternated, wall time of the whole command.
+
 Usage:  python bench/detect.py [--trials 10] [--workers 3] [--interval 1s] [--json] [--keep]
 Exit code: 0 when every trial was restarted and answered ping within --timeout, 1 otherwise,
 2 when the setup itself failed, 130 on Ctrl-C. Everything started is stopped by PID at the end.
@@ -444,11 +449,155 @@ def print_text(res: dict) -> None:
             print(f"  FAILED trial {t['n']} ({t['victim']}, pid {t['old_pid']}): {t['error']}")
 
 
+# ---------------------------------------------------------------- heartbeat-only detection and `once`
+@dataclass
+class Extra:
+    """Its own redis-server, 3 workers and `supervisor run` with an alert-only group (no restart):
+    SIGKILL one worker -> the supervisor logs ``FIRING worker_lost:<hostname>`` (its output tailed
+    every 10 ms). The worker is started again by the bench before the next trial. Then, the daemon
+    stopped, `supervisor once` and `celery inspect ping` alternated on the healthy fleet, wall time
+    of each whole command (interpreter start included)."""
+
+    args: argparse.Namespace
+    fleet: Fleet = field(default_factory=Fleet)
+
+    def setup(self) -> None:
+        a, f = self.args, self.fleet
+        self.rng = random.Random(a.seed)
+        self.url = f.open("bench-extra-")
+        self.hosts = [f"celery@hb-{i}" for i in range(1, 4)]
+        start_doc = {
+            "broker": {"url": self.url},
+            "loop": {"interval": a.interval, "state_path": str(Path(f.tmp) / "start.db")},
+            "platforms": {"local": {"run_dir": str(f.run_dir)}},
+            "groups": [{"name": "watch", "workers": self.hosts, "restart": worker_restart(self.url, 100)}],
+        }
+        f.start_workers(start_doc, self.hosts, 60)  # started through the local adapter (pid files)
+        self.alert_doc = {
+            "broker": {"url": self.url},
+            "loop": {"interval": a.interval, "state_path": str(Path(f.tmp) / "state.db"), "ping_timeout": "500ms"},
+            "groups": [{"name": "watch", "workers": self.hosts, "min_workers": 3,
+                        "heartbeat_timeout": a.hb_timeout}],  # no restart: alert only
+        }
+        import yaml
+
+        f.config_path.write_text(yaml.safe_dump(self.alert_doc, sort_keys=False), encoding="utf-8")
+
+    def steady(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        if wait_all_ping(self.fleet.app, self.hosts, timeout):
+            return False
+        while time.monotonic() < deadline:
+            since = self.fleet.suplog.all_alive_since(3)
+            if since is not None and time.monotonic() - since >= self.args.settle:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def hb_trial(self, n: int) -> dict:
+        f = self.fleet
+        victim = self.hosts[(n - 1) % 3]
+        rec = read_pid(f.pid_path(victim))
+        out = Path(f.tmp) / "supervisor.log"
+        offset = out.stat().st_size
+        mark = f"FIRING worker_lost:{victim}".encode()
+        time.sleep(0.02 + self.rng.uniform(0, parse_s(self.args.interval)))
+        t0 = time.monotonic()
+        os.kill(rec[0], signal.SIGKILL)
+        seen, buf = None, b""
+        while time.monotonic() < t0 + 120:
+            with open(out, "rb") as fh:
+                fh.seek(offset)
+                chunk = fh.read()
+            offset += len(chunk)
+            buf = (buf + chunk)[-8192:]
+            if mark in buf:
+                seen = time.monotonic() - t0
+                break
+            time.sleep(0.01)
+        f.adapter._reap()
+        tg = next(t for t in f.targets if t.hostname == victim)
+        f.adapter.restart(tg, "bench: back for the next trial")
+        return {"n": n, "victim": victim, "paged_s": round(seen, 4) if seen is not None else None}
+
+    def run(self) -> dict:
+        a, f = self.args, self.fleet
+        res: dict = {"hb_timeout": a.hb_timeout, "ping_timeout_s": 0.5, "interval": a.interval}
+        if a.hb_trials > 0:
+            f.start_supervisor("DEBUG")
+            if not self.steady(60):
+                raise SetupError(f"extra: no steady state; see {f.tmp}")
+            trials = []
+            for n in range(1, a.hb_trials + 1):
+                tr = self.hb_trial(n)
+                trials.append(tr)
+                log(f"  heartbeat-only trial {n}: {tr['victim']} paged {fmt_s(tr['paged_s'])} after the SIGKILL")
+                if not self.steady(a.timeout):
+                    log("  heartbeat-only: no steady state after the trial; stopping this phase")
+                    break
+            res["hb_trials"] = trials
+            res["kill_to_paged_s"] = summary([t["paged_s"] for t in trials if t["paged_s"] is not None])
+            f.stop_supervisor()
+        if a.once_trials > 0:
+            if wait_all_ping(f.app, self.hosts, 60):
+                raise SetupError("extra: the fleet is not healthy for the `once` comparison")
+            import subprocess
+
+            once_argv = [sys.executable, "-m", "supervisor", "once", "-c", str(f.config_path), "--json"]
+            ping_argv = [sys.executable, "-m", "celery", "-b", self.url, "inspect", "ping"]
+            times: dict[str, list[float]] = {"once": [], "inspect_ping": []}
+            codes: dict[str, list[int]] = {"once": [], "inspect_ping": []}
+            for _ in range(a.once_trials):
+                for name, argv in (("once", once_argv), ("inspect_ping", ping_argv)):
+                    t = time.monotonic()
+                    r = subprocess.run(argv, cwd=f.tmp, capture_output=True, timeout=60)
+                    times[name].append(round(time.monotonic() - t, 4))
+                    codes[name].append(r.returncode)
+                    if name == "once":
+                        doc = json.loads(r.stdout or b"{}")
+                        alive = sum(w.get("alive") is True for w in doc.get("workers", []))
+                        if r.returncode != 0 or alive != 3:
+                            log(f"  once: exit {r.returncode}, {alive}/3 alive (expected 0 and 3/3)")
+            log(f"  once: {times['once']}; celery inspect ping: {times['inspect_ping']}")
+            res["once_s"] = summary(times["once"])
+            res["inspect_ping_s"] = summary(times["inspect_ping"])
+            res["once_exit_codes"] = codes["once"]
+            p_once, p_ping = res["once_s"]["p50"], res["inspect_ping_s"]["p50"]
+            res["once_over_inspect_ping_p50"] = round(p_once / p_ping, 3) if p_once and p_ping else None
+        return res
+
+    def cleanup(self) -> list[str]:
+        if self.fleet.suplog is not None:
+            self.fleet.suplog.stop.set()
+        return self.fleet.stop(self.args.keep)
+
+
+def parse_s(text: str) -> float:
+    from supervisor.durations import parse_duration
+
+    return parse_duration(text)
+
+
+def print_extra(res: dict) -> None:
+    print()
+    if "kill_to_paged_s" in res:
+        d = res["kill_to_paged_s"]
+        print(f"  heartbeat-only (alert-only group, heartbeat_timeout {res['hb_timeout']}, ping_timeout 0.5s, "
+              f"loop.interval {res['interval']}):")
+        print(f"  {'kill -> FIRING worker_lost':<28}{d['n']:>4}"
+              + "".join(f"{fmt_s(d[k]):>10}" for k in ("p50", "p95", "min", "max", "mean")))
+    if "once_s" in res:
+        for key, label in (("once_s", "supervisor once (3 alive)"), ("inspect_ping_s", "celery inspect ping")):
+            d = res[key]
+            print(f"  {label:<28}{d['n']:>4}" + "".join(f"{fmt_s(d[k]):>10}" for k in ("p50", "p95", "min", "max", "mean")))
+        print(f"  once / inspect ping (p50): {res['once_over_inspect_ping_p50']}; once exit codes {res['once_exit_codes']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--trials", type=int, default=10)
     p.add_argument("--workers", type=int, default=3)
-    p.add_argument("--interval", default="1s", help="loop.interval (default 1s)")
+    p.add_argument("--interval", default="5s", help="loop.interval (default 5s, the config's default)")
     p.add_argument("--heartbeat-timeout", default="10s")
     p.add_argument("--timeout", type=float, default=60.0, help="per trial: restart and ping must happen by then")
     p.add_argument("--ping-timeout", type=float, default=0.1, help="each targeted ping's wait (polling step)")
@@ -456,6 +605,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--supervisor-log-level", default="DEBUG", choices=["DEBUG", "INFO"],
                    help="DEBUG (default) logs one line per tick: gives tick durations and the steady state")
     p.add_argument("--seed", type=int, default=None, help="seed of the random kill phase (default: random)")
+    p.add_argument("--hb-trials", type=int, default=5,
+                   help="heartbeat-only detection: SIGKILLs of an alert-only group's workers (0: skip)")
+    p.add_argument("--hb-timeout", default="5s", help="that group's heartbeat_timeout")
+    p.add_argument("--once-trials", type=int, default=5,
+                   help="`supervisor once` vs `celery inspect ping` on a healthy fleet of 3, alternated (0: skip)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (config, logs, pid files)")
     a = p.parse_args(argv)
@@ -475,7 +629,14 @@ def main(argv: list[str] | None = None) -> int:
             print_text(res)
         if res["failed"]:
             log(f"{len(res['failed'])} trial(s) failed: " + ", ".join(f"#{t['n']} {t['victim']}" for t in res["failed"]))
-    return code
+    if code not in (0, 1) or (a.hb_trials <= 0 and a.once_trials <= 0):
+        return code
+    extra, extra_code = run_bench(Extra(a), lambda r: 0)
+    if extra is not None:
+        print(json.dumps({"extra": extra}, indent=2) if a.json else "", end="\n" if a.json else "")
+        if not a.json:
+            print_extra(extra)
+    return code or extra_code
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import shlex
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from supervisor.model import RestartResult, Target, WorkerSeen
@@ -94,6 +94,12 @@ class Platform(ABC):
     @abstractmethod
     def describe(self, target: Target) -> str:
         """How a person would do the restart by hand. Makes no platform call."""
+
+    def watch(self, wake: Callable[[str], None]) -> None:
+        """Optional: call ``wake(reason)`` from any thread as soon as the platform reports that a
+        worker died (a local process exited, a docker die event, a pod watch event), so that the loop
+        looks at once instead of at its next tick. Must return at once (a thread of its own) and stop
+        in ``close()``. The default watches nothing: the loop polls every loop.interval."""
 
     def close(self) -> None:
         """Release connections and threads."""

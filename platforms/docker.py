@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import fnmatch
+import logging
 import math
 import os
 import re
@@ -55,6 +56,7 @@ from supervisor.model import DEAD_STATES, RestartResult, Target
 if TYPE_CHECKING:
     from supervisor.config import Config, GroupConfig
 
+log = logging.getLogger(__name__)
 DEFAULT_SOCKET = "unix:///var/run/docker.sock"
 ENGINE_GRACE = 10.0  # a crashed container with an engine restart policy is the engine's for this long
 LOG_MAX_CHARS = 16_000  # logs() keeps at most this much of the end of the output
@@ -196,6 +198,9 @@ class Adapter(Platform):
         redact.register_url(self.base_url)
         self._client_obj: Any = None
         self._lock = threading.Lock()
+        self._events_stop = threading.Event()
+        self._events_stream: Any = None  # the open events stream (closed by close())
+        self._events_thread: threading.Thread | None = None
 
     # ---- connection
     @property
@@ -505,5 +510,75 @@ class Adapter(Platform):
             return redact.scrub(f"docker {host}restart -t {t} {what}")
         return redact.scrub(f"docker {host}restart -t {t} {shlex.quote(target.id)}")
 
+    # ---- deaths wake the loop (supervisor/wake.py)
+    EVENT_FILTERS = {"type": ["container"], "event": ["die", "died", "oom"]}  # podman matches "died" only
+
+    def watch(self, wake) -> None:
+        """Follow the engine's events stream (die / oom of containers) in a thread of its own, with a
+        client of its own (no read timeout: it waits for events), reconnecting with a capped backoff;
+        a container of one of our groups dying calls ``wake`` at once."""
+        if self._events_thread is not None:
+            return
+        self._events_thread = threading.Thread(target=self._follow_events, args=(wake,), name="docker:events",
+                                               daemon=True)
+        self._events_thread.start()
+
+    def _ours(self, name: str, labels: dict) -> bool:
+        for g in self.config.groups:
+            r = g.restart
+            if not isinstance(r, DockerRestart):
+                continue
+            if r.selector and all(labels.get(k) == v for k, v in r.selector.items()):
+                return True
+            if r.target and template_regex(r.target).fullmatch(name):
+                return True
+        return False
+
+    def _follow_events(self, wake) -> None:
+        backoff = 0.5
+        while not self._events_stop.is_set():
+            client = None
+            try:
+                env = dict(os.environ)
+                if self.base_url:
+                    env["DOCKER_HOST"] = self.base_url
+                client = docker.DockerClient(timeout=None, version=None, **docker.utils.kwargs_from_env(environment=env))
+                stream = client.api.events(decode=True, filters=self.EVENT_FILTERS)
+                self._events_stream = stream
+                if self._events_stop.is_set():
+                    break
+                backoff = 0.5
+                for ev in stream:
+                    if not isinstance(ev, dict):
+                        continue
+                    actor = ev.get("Actor") or {}
+                    attrs = actor.get("Attributes") or {}
+                    name = str(attrs.get("name") or "")
+                    if self._ours(name, attrs):
+                        wake(f"docker: container {redact.scrub(name)} {ev.get('Action') or ev.get('status') or 'died'}")
+            except Exception as e:  # the engine went away, a proxy closed the stream: follow again
+                if not self._events_stop.is_set():
+                    log.debug("docker events stream: %s; reconnecting", self._reason(e))
+            finally:
+                self._events_stream = None
+                if client is not None:
+                    try:
+                        client.close()
+                    except Exception:
+                        pass
+            if self._events_stop.wait(backoff):
+                break
+            backoff = min(backoff * 2, 10.0)
+
     def close(self) -> None:
+        self._events_stop.set()
+        stream = self._events_stream
+        if stream is not None:
+            try:
+                stream.close()
+            except Exception:
+                pass
+        t = self._events_thread
+        if t is not None and t is not threading.current_thread():
+            t.join(2.0)
         self._drop_client()

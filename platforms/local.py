@@ -52,6 +52,7 @@ from platforms import Platform, PlatformError, render_argv
 from platforms.local_env import worker_environment
 from platforms.local_procs import (
     MARKER,
+    ExitWatch,
     Heard,
     Proc,
     ProcScan,
@@ -184,6 +185,7 @@ class Adapter(Platform):
         self._gone: dict[str, tuple[int, float | None, float | None]] = {}  # seen going away: pid, start, when
         self._busy: set[str] = set()  # restarts in progress in this process
         self._heard: dict[str, Heard] = {}  # what the heartbeats last said (pid, when), per target
+        self._exit_watch: ExitWatch | None = None  # watch(): worker exits wake the loop at once
 
     # ---- paths and commands (no I/O)
     def _paths(self, tid: str) -> tuple[Path, Path, Path]:
@@ -334,6 +336,23 @@ class Adapter(Platform):
             self._running[tid] = (pid, start)
             self._gone.pop(tid, None)
             self._exits.pop(tid, None)
+        self._watch_exit(tid, pid, start)
+
+    # ---- exits wake the loop (supervisor/wake.py)
+    def watch(self, wake) -> None:
+        """Every worker process this adapter knows runs (seen in an inventory, or started by a
+        restart) is watched through a pidfd: its exit calls ``wake`` at once."""
+        if self._exit_watch is None:
+            self._exit_watch = ExitWatch(wake)
+            with self._lock:
+                running = list(self._running.items())
+            for tid, (pid, start) in running:
+                self._watch_exit(tid, pid, start)
+
+    def _watch_exit(self, tid: str, pid: int, start: float | None) -> None:
+        w = self._exit_watch
+        if w is not None:
+            w.watch(pid, start, f"local worker {tid}")
 
     def _not_running(self, tid: str, group: str, hostname: str, now: float, pf: PidFile | None = None) -> Target:
         self._reap()  # it may have died between the reap at the top of inventory() and now
@@ -509,6 +528,7 @@ class Adapter(Platform):
             self._exits.pop(tid, None)
             self._gone.pop(tid, None)
             self._running[tid] = (proc.pid, start)
+        self._watch_exit(tid, proc.pid, start)
         record = {"pid": proc.pid, "create_time": start, "hostname": hostname, "group": group,
                   "argv": argv, "started_at": time.time()}
         tmp = pid_path.with_name(pid_path.name + ".tmp")
@@ -622,6 +642,9 @@ class Adapter(Platform):
 
     def close(self) -> None:
         """Workers outlive the supervisor: only reap what has ended and let go of the rest."""
+        if self._exit_watch is not None:
+            self._exit_watch.close()
+            self._exit_watch = None
         self._reap()
         with self._lock:
             self._children.clear()

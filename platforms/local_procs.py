@@ -476,3 +476,115 @@ class Signaller:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.fds.clear()
+
+
+# ---------------------------------------------------------------- exit watch (supervisor/wake.py)
+class ExitWatch:
+    """Calls ``wake(reason)`` the moment a watched process exits: one thread polls a pidfd per
+    process (Linux >= 5.3), or, without pidfds, checks the watched pids every ``POLL`` seconds.
+    ``watch(pid, start, label)`` adds a process (checked against its start time, so a reused pid
+    is never watched in its place); a process that is gone already wakes at once. A process is
+    watched until it exits; ``close()`` stops the thread."""
+
+    POLL = 0.25
+
+    def __init__(self, wake: Callable[[str], None]):
+        import threading
+
+        self.wake = wake
+        self._lock = threading.Lock()
+        self._want: dict[int, tuple[float | None, str]] = {}  # pid -> (start, label), not yet opened
+        self._fds: dict[int, tuple[int, str]] = {}  # pid -> (pidfd or -1, label)
+        self._pidfd = hasattr(os, "pidfd_open")
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+        self._closed = False
+        self.exits = 0  # exits reported (tests, narration)
+        self._thread = threading.Thread(target=self._run, name="local:exit-watch", daemon=True)
+        self._thread.start()
+
+    def watch(self, pid: int, start: float | None, label: str) -> None:
+        with self._lock:
+            if self._closed or pid in self._fds or pid in self._want:
+                return
+            self._want[pid] = (start, label)
+        with contextlib.suppress(OSError):
+            os.write(self._w, b"x")
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        with contextlib.suppress(OSError):
+            os.write(self._w, b"x")
+        self._thread.join(2.0)
+
+    def _open(self) -> list[str]:
+        """Open what was asked for; the labels of processes already gone."""
+        with self._lock:
+            want, self._want = self._want, {}
+        gone = []
+        for pid, (start, label) in want.items():
+            fd = -1
+            if self._pidfd:
+                try:
+                    fd = os.pidfd_open(pid)
+                except ProcessLookupError:
+                    fd = None
+                except OSError:
+                    self._pidfd = False  # not in this kernel: poll instead
+                    fd = -1
+            if fd is None or not alive(pid, start):  # checked after opening: the fd is that process
+                if fd is not None and fd >= 0:
+                    os.close(fd)
+                gone.append(f"{label}: pid {pid} is gone")
+                continue
+            old = self._fds.pop(pid, None)
+            if old is not None and old[0] >= 0:
+                os.close(old[0])
+            self._fds[pid] = (fd, label)
+        return gone
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if self._closed:
+                    break
+            gone = self._open()
+            poller = select.poll()
+            poller.register(self._r, select.POLLIN)
+            polled = False
+            for fd, _label in self._fds.values():
+                if fd >= 0:
+                    poller.register(fd, select.POLLIN)
+                else:
+                    polled = True
+            if not gone:
+                try:
+                    events = poller.poll(self.POLL * 1000 if polled else None)
+                except InterruptedError:
+                    continue
+                ready = {fd for fd, _ in events}
+                if self._r in ready:
+                    with contextlib.suppress(OSError):
+                        os.read(self._r, 4096)
+                for pid, (fd, label) in list(self._fds.items()):
+                    if (fd >= 0 and fd in ready) or (fd < 0 and not alive(pid, None)):
+                        del self._fds[pid]
+                        if fd >= 0:
+                            os.close(fd)
+                        gone.append(f"{label}: pid {pid} exited")
+            for reason in gone:
+                self.exits += 1
+                try:
+                    self.wake(reason)
+                except Exception:  # the waker must never end the watch
+                    pass
+        for fd, _label in self._fds.values():
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._fds.clear()
+        for fd in (self._r, self._w):
+            with contextlib.suppress(OSError):
+                os.close(fd)

@@ -10,7 +10,8 @@ manager or, with ``platforms.systemd.user``, the user's own (``--user``):
   -> crashed / exited (``since`` = ExecMainExitTimestamp); activating (auto-restart) -> restarting;
   deactivating -> stopping; LoadState not-found or masked -> missing.
 - ``restart``: ``systemctl restart UNIT``, which waits for the unit's own TimeoutStopSec; a unit
-  systemd is already restarting (Restart=on-failure, auto-restart) is left to it (in_progress).
+  systemd is already restarting (Restart=on-failure, auto-restart) is left to it (in_progress); a
+  failed unit gets ``systemctl reset-failed UNIT`` first (systemd's start limit counts our starts too).
 - ``logs``: ``journalctl -u UNIT -n N --no-pager -q -o short-iso`` (journalctl has no ``-H``: on
   another host it runs through ``ssh -o BatchMode=yes``).
 
@@ -332,15 +333,19 @@ class Adapter(Platform):
             timeout = max(timeout, stop_span + RESTART_SLACK)
         notes = ""
         try:
-            if before.get("Result") == "start-limit-hit":
-                # systemd gave up on its own restarts (StartLimitBurst); our budget allows one more:
-                # without reset-failed, systemd refuses every start until StartLimitIntervalSec passes
+            if before.get("ActiveState") == "failed" or before.get("Result") == "start-limit-hit":
+                # systemd counts every start against the unit's StartLimitBurst=, ours too; past it, it
+                # refuses them ("Start request repeated too quickly") until StartLimitIntervalSec passes,
+                # and a unit that was already failed keeps its old Result (signal, exit-code): a real
+                # systemd 252 says start-limit-hit only for a unit it was starting itself. Our budget
+                # allows this restart: reset-failed clears the failed state and systemd's start counter.
                 res = self._systemctl(["--no-ask-password", "reset-failed", "--", unit])
                 if res.returncode != 0:
                     msg = _first_lines(res.stderr or res.stdout) or "no message"
                     return RestartResult(False, redact.scrub(f"systemctl reset-failed {unit} failed "
                                                              f"(exit {res.returncode}): {msg}"))
-                notes = " (after reset-failed: systemd had hit its start limit)"
+                if before.get("Result") == "start-limit-hit":
+                    notes = " (after reset-failed: systemd had hit its start limit)"
             res = self._systemctl(["--no-ask-password", "restart", "--", unit], timeout)
         except PlatformError as e:
             return RestartResult(False, redact.scrub(f"{e}; the restart job may still be running in systemd"))

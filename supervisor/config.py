@@ -22,6 +22,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -538,17 +539,40 @@ class QueueConfig(_Model):
 
 
 class HttpConfig(_Model):
+    # bearer token (or the password of HTTP basic auth, any user name) for every endpoint; required
+    # for a listen address that is not loopback, unless allow_unauthenticated is true. Declared before
+    # listen: listen's check reads them.
+    token: SecretStr | None = Field(None, min_length=16)
+    allow_unauthenticated: bool = False
     listen: str | None = None
 
     @field_validator("listen")
     @classmethod
-    def _hostport(cls, v: str | None) -> str | None:
+    def _hostport(cls, v: str | None, info: ValidationInfo) -> str | None:
         # an empty host (":9811") listens on every interface
         if v is not None and not re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[^:\s]*):\d{1,5}", v):
             raise ValueError("listen must be HOST:PORT, e.g. 127.0.0.1:9811, [::1]:9811 or :9811")
         if v is not None and int(v.rsplit(":", 1)[1]) > 65535:
             raise ValueError("the port of listen must be at most 65535")
+        if v is not None and {"token", "allow_unauthenticated"} <= info.data.keys() and info.data["token"] is None \
+                and not info.data.get("allow_unauthenticated") and not listen_is_loopback(v):
+            raise ValueError(f"{v} is not a loopback address: set http.token (bearer token or basic auth), "
+                             "or http.allow_unauthenticated: true to let anyone who can reach it read the "
+                             "status page and /status")
         return v
+
+
+def listen_is_loopback(listen: str) -> bool:
+    """127.0.0.0/8, ::1 and localhost; an empty host (every interface) is not."""
+    import ipaddress
+
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class HaConfig(_Model):
@@ -633,6 +657,8 @@ class Config(_Model):
         for g in self.groups:
             env = getattr(g.restart, "env", None) or {}
             out += [v for k, v in env.items() if redact.env_value_is_secret(k, v)]
+        if self.http.token is not None:
+            out.append(self.http.token.get_secret_value())
         return out
 
 
@@ -705,6 +731,7 @@ def parse_config(data: Any, env: dict[str, str] | os._Environ | None = None, sou
         raise ConfigError([("", "the config must be a mapping (key: value) at the top level")], source)
     errors: list[tuple[str, str]] = []
     data = interpolate(data, os.environ if env is None else env, errors=errors)
+    n_unset = len(errors)
     bad_text = _text_errors(data)
     if bad_text:  # nothing else is checked: other messages could quote the text, which cannot be printed
         raise ConfigError(errors + bad_text, source)
@@ -717,6 +744,9 @@ def parse_config(data: Any, env: dict[str, str] | os._Environ | None = None, sou
     errors += _broker_errors(data, errors)
     if cfg is not None:
         errors += _cross_checks(cfg)
+    # a missing ${VAR} is one problem: not also "required" or "bad scheme" for the value it left empty
+    unset = {p for p, m in errors[:n_unset]}
+    errors = errors[:n_unset] + [(p, m) for p, m in errors[n_unset:] if p not in unset]
     if errors:
         _register_raw_secrets(data)
         # a value that failed validation may still be a secret: scrub the messages too
@@ -739,6 +769,8 @@ def parse_config(data: Any, env: dict[str, str] | os._Environ | None = None, sou
     for g in cfg.groups:  # restart.env values are secrets by default (redact.env_value_is_secret)
         for name, value in (getattr(g.restart, "env", None) or {}).items():
             redact.register_env(name, value)
+    if cfg.http.token is not None:  # the status page's token (bearer, or the password of basic auth)
+        redact.register_secret(cfg.http.token.get_secret_value())
     return cfg
 
 
@@ -987,3 +1019,4 @@ def _register_raw_secrets(data):
             redact.register_url(c["url"], tokens=True)
     for k in ("password", "client_secret"):
         redact.register_secret(get(data, "platforms", "cloudfoundry", k))
+    redact.register_secret(get(data, "http", "token"))

@@ -18,6 +18,7 @@ one (none after a cycle that raised), ``STATUS=`` a one-line summary each cycle.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import signal
 import threading
@@ -27,6 +28,7 @@ from supervisor import __version__, redact
 from supervisor.config import Config
 from supervisor.durations import format_duration as fd
 from supervisor.sdnotify import SdNotify
+from supervisor.trend import QueueTrend
 
 log = logging.getLogger("supervisor")
 FAILURES_LOUD = 3  # cycles failing in a row before an ERROR says that the watchdog is no longer fed
@@ -48,6 +50,11 @@ class Daemon:
         self.config_path = config_path  # what SIGHUP re-reads (None: no reload)
         self.sd = SdNotify()  # reads and unsets $NOTIFY_SOCKET before any child process is started
         supervisor_kwargs.setdefault("state", "open")  # durable state at loop.state_path
+        from supervisor.wake import Wakeup
+
+        # deaths the platforms report, completed pings and heartbeat deadlines wake the loop between
+        # ticks (supervisor/wake.py); a reload's new Supervisor gets the same one
+        self.wakeup = supervisor_kwargs.setdefault("wakeup", Wakeup())
         self.store = None
         if supervisor_kwargs["state"] == "open":
             from supervisor.loop import open_state
@@ -83,6 +90,8 @@ class Daemon:
         self.last_report = None  # the last completed tick's report (kept across reloads)
         self.last_completed: float | None = None  # time.monotonic() when it completed
         self.tick_started: float | None = None  # time.monotonic() when the cycle in flight began
+        self.woken = 0  # extra ticks run on a wake (supervisor/wake.py)
+        self.trend = QueueTrend()  # the last 15 minutes of queue lengths, for the status page
         self.status_text = "starting"
         self.metrics = None  # supervisor.metrics.Metrics, with http.listen (prometheus_client is lazy)
         self.http = None
@@ -98,6 +107,7 @@ class Daemon:
             sup = self.sup
             self.tick_started = time.monotonic()
             try:
+                hang_point()
                 report = sup.tick()
             except Exception as e:  # the loop must survive anything one tick meets
                 self._tick_failed(e)
@@ -106,6 +116,38 @@ class Daemon:
                 self.tick_started = None
             self._tick_done(report, sup)
 
+    def _wake_loop(self) -> None:
+        """Run an extra tick soon after a wake (a death the platform reported, a heartbeat deadline
+        that passed, a ping round that completed): coalesced (wakes that arrive before it starts are
+        served by it) and at most one per wake.MIN_GAP. Never two ticks at once: _tick holds tick_lock."""
+        from supervisor.wake import MIN_GAP
+
+        last = 0.0
+        wakeup = self.wakeup
+        while not self.stopping.is_set():
+            reasons, due = wakeup.wait(1.0)
+            if self.stopping.is_set():
+                return
+            if due:
+                try:
+                    silent = self.sup.expired(due)
+                except Exception as e:  # never lose the wake thread; the tick reconciles
+                    log.warning("checking heartbeat deadlines: %s", redact.scrub(e))
+                    silent = []
+                reasons += [f"no heartbeat from {h} for its heartbeat_timeout" for h in silent[:3]]
+                if len(silent) > 3:
+                    reasons.append(f"and {len(silent) - 3} more silent")
+            if not reasons:
+                continue
+            gap = MIN_GAP - (time.monotonic() - last)
+            if gap > 0 and self.stopping.wait(gap):
+                return
+            reasons += wakeup.take()
+            log.debug("woken: %s", "; ".join(reasons[:5]))
+            self.woken += 1
+            self._tick()
+            last = time.monotonic()
+
     def _keepalive(self) -> None:
         """While one cycle waits on a slow platform (a restart lets the old worker stop for up to
         stop_timeout, and systemd's own TimeoutStopSec may be minutes), keep systemd's watchdog fed,
@@ -113,7 +155,8 @@ class Daemon:
         period = self.sd.watchdog_usec / 3e6
         while not self.stopping.wait(period):
             started = self.tick_started
-            if started is not None and period < time.monotonic() - started < TICK_LIMIT:
+            limit = float(os.environ.get("SUPERVISOR_TICK_LIMIT") or TICK_LIMIT)  # test hook: see hang_point
+            if started is not None and period < time.monotonic() - started < limit:
                 self.sd.watchdog(f"cycle in progress for {fd(time.monotonic() - started)}: {self.status_text}")
 
     def _tick_failed(self, e: Exception) -> None:
@@ -135,6 +178,8 @@ class Daemon:
         self.failures = 0
         self.last_report = report
         self.last_completed = time.monotonic()
+        if report.obs.broker_ok:
+            self.trend.record(report.obs.now, {n: q.length for n, q in report.obs.queues.items()})
         if self.metrics is not None:
             try:
                 self.metrics.observe(report, sup.cfg, sup.acting())
@@ -191,10 +236,12 @@ class Daemon:
             misfire_grace_time=max(1, int(cfg.loop.interval)), next_run_time=_now_dt(),
         )
         self.scheduler.start()
+        threading.Thread(target=self._wake_loop, name="wake", daemon=True).start()
 
     def stop(self) -> None:
         """Finish the tick in flight, then stop everything."""
         self.stopping.set()
+        self.wakeup.close()
         self.sd.stopping()
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=True)
@@ -221,12 +268,13 @@ class Daemon:
         from supervisor.http import HttpServer
 
         self._ensure_metrics()
-        return HttpServer(listen, self.metrics.registry, self.health, self.status_document)
+        return HttpServer(listen, self.metrics.registry, self.health, self.status_document,
+                          token=lambda: self.cfg.http.token.get_secret_value() if self.cfg.http.token else None)
 
     def status_document(self) -> dict:
         from supervisor.status import status_document
 
-        return status_document(self.sup)
+        return status_document(self.sup, self.trend)
 
     def health(self) -> tuple[bool, str]:
         """/healthz: the last cycle completed within healthz_bound(loop.interval) and reached the broker."""
@@ -409,6 +457,18 @@ def _show(v) -> str:
         return "(changed)"
     text = redact.scrub(v if isinstance(v, str) else repr(v))
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def hang_point() -> None:
+    """Fault injection for the watchdog test under a real systemd (tests/integration/
+    test_real_systemd_unit.py): while the file SUPERVISOR_HANG_FILE names exists, the cycle hangs,
+    as one stuck on a dead socket would. SUPERVISOR_TICK_LIMIT (seconds) shortens TICK_LIMIT, after
+    which the keepalive stops feeding the watchdog for the hung cycle."""
+    path = os.environ.get("SUPERVISOR_HANG_FILE")
+    if path and os.path.exists(path):
+        log.warning("SUPERVISOR_HANG_FILE %s exists: this cycle hangs (a test of the watchdog)", path)
+        while os.path.exists(path):
+            time.sleep(0.2)
 
 
 def run_daemon(cfg: Config, config_path: str | None = None) -> int:

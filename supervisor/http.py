@@ -9,19 +9,28 @@ daemon thread.
 - ``GET /status``: the JSON status document (supervisor.status.status_document), passed through
   ``redact.scrub`` as a last guard against a secret.
 
+- ``GET /``: the status page (supervisor/page/: one HTML, one JS, one CSS file, served from the
+  package; no build step, nothing fetched from elsewhere). It polls ``/status``.
+
 ``http.listen``: ``127.0.0.1:9811``, ``[::1]:9811``, ``localhost:9811``, or ``:9811`` for every
-interface (IPv6 and IPv4 where the host allows both). There is no authentication: bind to
-loopback or a private interface.
+interface (IPv6 and IPv4 where the host allows both). With ``http.token`` set, every path but
+``/healthz`` needs ``Authorization: Bearer TOKEN`` or HTTP basic auth with TOKEN as the password (any
+user name; a browser asks for it), compared in constant time; else 401. config.py refuses a
+non-loopback listen without a token unless ``http.allow_unauthenticated`` is true.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hmac
 import json
 import logging
 import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
 from typing import Any
 
 from supervisor import redact
@@ -30,6 +39,42 @@ log = logging.getLogger("supervisor")
 
 HEALTHZ_MIN = 30.0  # seconds: the least staleness /healthz tolerates
 HEALTHZ_INTERVALS = 3  # ... else this many loop intervals
+
+# the page's files: URL path -> (file in supervisor/page/, content type)
+PAGE = {"/": ("index.html", "text/html; charset=utf-8"),
+        "/page/app.js": ("app.js", "text/javascript; charset=utf-8"),
+        "/page/style.css": ("style.css", "text/css; charset=utf-8")}
+# the page may be framed by nothing and runs only its own script
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'; base-uri 'none'",
+                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+OPEN_PATHS = {"/healthz"}  # no token needed: liveness probes
+
+
+def authorized(header: str | None, token: str | None) -> bool:
+    """``Authorization: Bearer TOKEN`` or ``Basic base64(any-user:TOKEN)``; no token configured: all
+    requests are. Compared with hmac.compare_digest (constant time in the token's content)."""
+    if not token:
+        return True
+    if not header:
+        return False
+    scheme, _, cred = header.strip().partition(" ")
+    cred = cred.strip()
+    scheme = scheme.lower()
+    if scheme == "bearer":
+        given = cred.encode("utf-8", "surrogateescape")
+    elif scheme == "basic":
+        try:
+            decoded = base64.b64decode(cred.encode("ascii"), validate=True)
+        except (binascii.Error, ValueError, UnicodeEncodeError):
+            return False
+        given = decoded.partition(b":")[2]
+    else:
+        return False
+    return hmac.compare_digest(given, token.encode("utf-8"))
+
+
+def page_file(name: str) -> bytes:
+    return resources.files("supervisor").joinpath("page", name).read_bytes()
 
 
 class HttpError(Exception):
@@ -75,11 +120,12 @@ class HttpServer:
     Prometheus registry to expose."""
 
     def __init__(self, listen: str, registry, health: Callable[[], tuple[bool, str]],
-                 status: Callable[[], dict[str, Any]]):
+                 status: Callable[[], dict[str, Any]], token: Callable[[], str | None] = lambda: None):
         self.listen = listen
         self.registry = registry
         self.health = health
         self.status = status
+        self.token = token  # called per request: a reload that changes http.token applies at once
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -103,7 +149,7 @@ class HttpServer:
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.5},
                                          name="http", daemon=True)
         self._thread.start()
-        log.info("serving /healthz /metrics /status on http://%s", _display(self._server))
+        log.info("serving the status page, /healthz /metrics /status on http://%s", _display(self._server))
         return self
 
     def stop(self) -> None:
@@ -151,7 +197,10 @@ def _handler(owner: HttpServer):
         def _serve(self, body: bool) -> None:
             path = self.path.split("?", 1)[0].rstrip("/") or "/"
             try:
-                if path == "/metrics":
+                if path not in OPEN_PATHS and not authorized(self.headers.get("Authorization"), owner.token()):
+                    self._reply(401, "text/plain; charset=utf-8", b"unauthorized: http.token is set\n", body,
+                                {"WWW-Authenticate": 'Basic realm="celery-supervisor", charset="UTF-8"'})
+                elif path == "/metrics":
                     from prometheus_client.exposition import choose_encoder
 
                     encoder, ctype = choose_encoder(self.headers.get("Accept", ""))
@@ -163,11 +212,12 @@ def _handler(owner: HttpServer):
                 elif path == "/status":
                     doc = json.dumps(owner.status(), indent=2, default=str)
                     self._reply(200, "application/json", redact.scrub(doc).encode(), body)
-                elif path == "/":
-                    self._reply(200, "text/plain; charset=utf-8",
-                                b"celery-supervisor: /healthz /metrics /status\n", body)
+                elif path in PAGE:
+                    name, ctype = PAGE[path]
+                    self._reply(200, ctype, page_file(name), body, PAGE_HEADERS)
                 else:
-                    self._reply(404, "text/plain; charset=utf-8", b"not found: try /healthz /metrics /status\n", body)
+                    self._reply(404, "text/plain; charset=utf-8", b"not found: try / /healthz /metrics /status\n",
+                                body)
             except Exception as e:  # a broken endpoint answers 500, the server goes on
                 log.warning("HTTP %s failed: %s", path, redact.scrub(e))
                 try:
@@ -176,8 +226,10 @@ def _handler(owner: HttpServer):
                 except OSError:
                     pass
 
-        def _reply(self, code: int, ctype: str, data: bytes, body: bool) -> None:
+        def _reply(self, code: int, ctype: str, data: bytes, body: bool, headers: dict | None = None) -> None:
             self.send_response(code)
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(data)))
             self.send_header("Cache-Control", "no-store")

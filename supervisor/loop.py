@@ -54,6 +54,7 @@ class Supervisor:
         on_tick: Callable[[TickReport], None] | None = None,
         on_event: Callable[[str, str, float], None] | None = None,
         state=None,
+        wakeup=None,
     ):
         """``state``: a supervisor.state.StateStore (durable memory, restart history, outbox,
         silences), or None to keep everything in memory (tests of the loop, `nagios`). With
@@ -76,7 +77,14 @@ class Supervisor:
 
         # pings and the census run off the tick's path; their replies land in the next observation
         self.control = Control(self.app, cfg.loop.ping_timeout, clock)
+        # supervisor.wake.Wakeup (the daemon's): platforms report deaths through it, a completed
+        # ping round pokes it, and each tick leaves the workers' heartbeat deadlines in it
+        self.wakeup = wakeup
+        if wakeup is not None:
+            self.control.on_ping_done = lambda: wakeup.wake("ping replies")
+            self.heartbeats.on_heard = self._heard
         self._census_asked: float | None = None
+        self._expected: set[str] | None = None  # `once`: the hostnames it must hear from
         self._unconsumed_warned: set[str] = set()  # group queues said to be consumed by none (a typo?)
         self.notifier = Notifier(cfg.notify)
         self.core = Core(cfg)
@@ -148,7 +156,13 @@ class Supervisor:
         if kind not in self.platforms:
             from platforms import load_adapter
 
-            self.platforms[kind] = load_adapter(kind, self.cfg)
+            adapter = self.platforms[kind] = load_adapter(kind, self.cfg)
+            if self.wakeup is not None:
+                try:  # a death the platform reports wakes the loop at once (optional: no-op by default)
+                    adapter.watch(self.wakeup.wake)
+                except Exception as e:  # the tick still polls the platform every loop.interval
+                    log.warning("platform %s: cannot watch for worker deaths, polling only: %s", kind,
+                                redact.scrub(e))
         return self.platforms[kind]
 
     def _inventory(self, g: GroupConfig, known: list[str], seen: dict) -> tuple[tuple[Target, ...], str | None]:
@@ -292,6 +306,8 @@ class Supervisor:
             self.ticks += 1
             self.last_report = report
             self._save_status(report)
+            if self.wakeup is not None:
+                self.wakeup.deadlines(self.heartbeat_deadlines(obs))
         self._log(report)
         if self.on_tick is not None:
             self.on_tick(report)
@@ -465,24 +481,134 @@ class Supervisor:
         log.debug("tick %d: %d/%d workers alive, %d findings, %d actions, %.3fs", self.ticks, alive,
                   len(d.verdicts), len(d.findings), len(r.actions), r.duration)
 
+    # ------------------------------------------------------------ heartbeat deadlines (wake.py)
+    def _deadline(self, hostname: str, last: float | None, offline: float | None) -> float | None:
+        g = self.cfg.group_of(hostname)
+        if g is None or last is None or offline is not None:
+            return None
+        return last + g.heartbeat_timeout
+
+    def _heard(self, hostname: str, at: float) -> None:
+        """A worker heard first (or back) between two ticks: its deadline goes into the heap now."""
+        when = self._deadline(hostname, at, None)
+        if when is not None and self.wakeup is not None:
+            self.wakeup.at(when, hostname)
+
+    def heartbeat_deadlines(self, obs: Observation) -> list[tuple[float, str]]:
+        """When each worker heard so far goes silent (last_heartbeat + its group's heartbeat_timeout),
+        for the ones not silent yet: the wake thread runs a tick at that moment."""
+        out = []
+        for h, w in obs.workers.items():
+            at = self._deadline(h, w.last_heartbeat, w.offline_at)
+            if at is not None and at > obs.now:
+                out.append((at, h))
+        if obs.listening_since is not None:
+            # an explicit worker not heard yet (it died as the supervisor started) is silent from when
+            # the stream listens: its deadline too (a little after, so that its silence is past it)
+            for g in self.cfg.groups:
+                for h in g.workers:
+                    at = obs.listening_since + g.heartbeat_timeout + 0.05
+                    if h not in obs.workers and self.cfg.group_of(h) is g and at > obs.now:
+                        out.append((at, h))
+        return out
+
+    def expired(self, hostnames: list[str]) -> list[str]:
+        """Of the workers whose deadline passed, those still silent now; a worker heard since gets its
+        new deadline back in the heap."""
+        now = self.clock()
+        out = []
+        for h in hostnames:
+            w = self.heartbeats.worker(h)
+            if w is None:  # an explicit worker never heard: its deadline counted from when we listen
+                out.append(h)
+                continue
+            at = self._deadline(h, w.last_heartbeat, w.offline_at)
+            if at is None:
+                continue
+            if at > now:
+                if self.wakeup is not None:
+                    self.wakeup.at(at, h)
+            else:
+                out.append(h)
+        return out
+
     # ------------------------------------------------------------ once
     def once(self, listen: float = ONCE_LISTEN) -> TickReport:
-        """One observe/decide/act pass without history: listen about one heartbeat interval first."""
-        from supervisor.observe.celeryapp import check_broker
+        """One observe/decide/act pass without history. A healthy fleet answers at once: a targeted
+        ping (returns when every explicit worker answered) and a broadcast ping with a limit for glob
+        groups with min_workers; only when something is missing (or a glob group sets no
+        min_workers, so nothing says when all were heard) does it listen about one heartbeat interval."""
+        from supervisor.observe.celeryapp import BrokerUnreachable, check_broker
 
         err = check_broker(self.app, self.cfg.broker.connect_timeout)
         if err is None:
             self.start()
-            if self._census_needed():  # answered while we listen: no wait of its own
-                self._census_asked = self.clock()
-                self.control.census()
-            deadline = time.monotonic() + listen + self.cfg.broker.connect_timeout
-            while self.heartbeats.snapshot().listening_since is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-            since = self.heartbeats.snapshot().listening_since
-            if since is not None:
-                time.sleep(max(0.0, listen - (self.clock() - since)))
+            answered: set[str] = set()
+            try:
+                quick = self._once_quick(answered)
+            except BrokerUnreachable as e:  # the tick checks the broker again and says why
+                log.debug("once: quick ping failed: %s", redact.scrub(e))
+                quick = False
+            if not quick:
+                if self._census_needed():  # answered while we listen: no wait of its own
+                    self._census_asked = self.clock()
+                    self.control.census()
+                deadline = time.monotonic() + listen + self.cfg.broker.connect_timeout
+                while self.heartbeats.snapshot().listening_since is None and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                since = self.heartbeats.snapshot().listening_since
+                if since is not None:
+                    # until every expected worker was heard (a reply that came late under load, then
+                    # its heartbeat), at most about one heartbeat interval
+                    end = time.monotonic() + max(0.0, listen - (self.clock() - since))
+                    while time.monotonic() < end:
+                        heard = answered | {h for h, w in self.heartbeats.snapshot().workers.items()
+                                            if w.last_heartbeat is not None and w.last_heartbeat >= since}
+                        if self._expected is not None and self._complete(heard) and not self.control.busy:
+                            log.debug("once: every expected worker heard; stopped listening")
+                            break
+                        time.sleep(0.05)
         return self.tick(broker_error=err)
+
+    def _complete(self, heard: set[str]) -> bool:
+        """Every expected worker (``_expected``: explicit and remembered) and min_workers per glob group."""
+        cfg = self.cfg
+        if not self._expected <= heard:
+            return False
+        return all(sum(cfg.group_of(h) is g for h in heard) >= g.min_workers for g in cfg.groups if g.hostnames)
+
+    def _once_quick(self, answered: set[str]) -> bool:
+        """Ask the expected workers directly; True when every one expected answered (no listening
+        needed). ``answered`` gets who did."""
+        cfg = self.cfg
+        globs = [g for g in cfg.groups if g.hostnames]
+        if any(g.min_workers <= 0 for g in globs):
+            return False  # nothing says how many to expect: listen
+        explicit = {h for g in cfg.groups for h in g.workers}
+        for g in cfg.groups:  # glob workers an earlier run saw (durable state): expected back too
+            explicit |= set(self.core.remembered_hostnames(g.name))
+        self._expected = explicit
+        need = sum(g.min_workers for g in globs)
+        answered |= self.control.ask_now(explicit, broadcast=len(explicit) + need if globs else 0)
+        if not self._complete(answered):
+            return False
+        if self._census_needed():  # what each one consumes: asked of those who answered, targeted
+            self._census_asked = self.clock()
+            self.control.census_now(h for h in answered if cfg.group_of(h) is not None)
+            if cfg.broker.is_redis and any(q.min_consumers for q in cfg.queues):
+                news = self.control._news.queues
+                for q in cfg.queues:
+                    if q.min_consumers and sum(q.name in wq.names for wq in news.values()) < q.min_consumers:
+                        self.control.census()  # a consumer outside the fleet we asked: the broadcast census
+                        break
+        # the stream must be connected for the core to judge (it is, after the pings, on a healthy broker)
+        deadline = time.monotonic() + cfg.broker.connect_timeout
+        while self.heartbeats.snapshot().listening_since is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if self.heartbeats.snapshot().listening_since is None:
+            return False
+        log.debug("once: every expected worker answered a ping (%d): not listening for heartbeats", len(answered))
+        return True
 
 
 def open_state(cfg: Config, readonly: bool = False):

@@ -17,18 +17,38 @@ if TYPE_CHECKING:
     from supervisor.config import Config
     from supervisor.loop import Supervisor
     from supervisor.state import StateStore
+    from supervisor.trend import QueueTrend
 
 EMPTY = {"time": None, "workers": [], "queues": [], "findings": [], "actions": []}
 
 
-def status_document(sup: Supervisor) -> dict:
-    """The live document of a running supervisor (``/status``)."""
+def status_document(sup: Supervisor, trend: QueueTrend | None = None) -> dict:
+    """The live document of a running supervisor (``/status``); with the daemon's ``trend``, each
+    queue carries its last 15 minutes of lengths (``trend``: [[time, length], ...])."""
     from supervisor.loop import report_json
 
     r = sup.last_report
     doc = dict(EMPTY) if r is None else report_json(r, sup.cfg)
     doc["leader"] = sup.acting()
+    if r is not None:
+        _add_pid_and_since(doc, r)
+    if trend is not None:
+        for q in doc.get("queues", []):
+            q["trend"] = trend.points(q.get("name"))
+    doc["loop_interval"] = sup.cfg.loop.interval  # the status page marks data older than 3 cycles stale
     return add_durable(doc, sup.cfg, sup.state, sup.clock())
+
+
+def _add_pid_and_since(doc: dict, r) -> None:
+    """The status page's extras: each worker's pid (from its last heartbeat) and since when each
+    finding's condition holds (its rule state)."""
+    for w in doc.get("workers", []):
+        seen = r.obs.workers.get(w.get("hostname"))
+        w.setdefault("pid", seen.pid if seen is not None else None)
+    states = r.decision.states
+    for f in doc.get("findings", []):
+        st = states.get(f"{f.get('rule')}:{f.get('subject')}")
+        f.setdefault("since", st.since if st is not None else None)
 
 
 def document_from_state(cfg: Config, store: StateStore, now: float | None = None) -> dict:
@@ -97,6 +117,7 @@ def _num(x, unit: str = "") -> str:
 def _table(rows: list[list[str]], head: list[str]) -> list[str]:
     if not rows:
         return ["  (none)"]
+    rows = [["-" if x is None else x for x in r] for r in rows]  # unknown, not "None"
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
     fmt = "  " + "  ".join(f"{{:<{w}}}" for w in widths)
     return [fmt.format(*head).rstrip()] + [fmt.format(*map(str, r)).rstrip() for r in rows]

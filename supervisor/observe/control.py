@@ -72,6 +72,20 @@ def ping(app: Celery, hostnames: Iterable[str], timeout: float = 1.0) -> set[str
     return answered
 
 
+def broadcast_ping(app: Celery, limit: int, timeout: float = 1.0) -> set[str]:
+    """Every hostname that answered a broadcast ping; returns as soon as ``limit`` replied (0: waits
+    the whole ``timeout``)."""
+
+    def do(conn):
+        return app.control.ping(limit=limit or None, timeout=timeout, connection=conn)
+
+    answered: set[str] = set()
+    for reply in _call(app, "ping", do) or []:
+        if isinstance(reply, dict):
+            answered.update(h for h in reply if isinstance(h, str))
+    return answered
+
+
 def active_queues(app: Celery, expected: int, timeout: float = 1.0) -> dict[str, list[str]]:
     """hostname -> names of the queues it consumes, for every worker that replied within
     ``timeout`` (returns early once ``expected`` workers replied; 0 waits the whole timeout)."""
@@ -183,6 +197,7 @@ class Control:
         self.sent: Counter[str] = Counter()  # pings sent per hostname (narration, bench, tests)
         self.rounds = 0  # ping rounds sent
         self.censuses = 0
+        self.on_ping_done: Callable[[], None] | None = None  # a ping round completed (supervisor.wake)
 
     # ---- asking
     def ping(self, hostnames: Iterable[str]) -> None:
@@ -228,6 +243,41 @@ class Control:
                     return False
                 self._cond.wait(left)
             return True
+
+    def ask_now(self, hostnames: Iterable[str] = (), broadcast: int = 0) -> set[str]:
+        """For `once`, which has no next tick: synchronous. A broadcast ping that returns once
+        ``broadcast`` workers replied (0: none is sent), then a targeted ping (returns once all
+        replied) of the ``hostnames`` that did not answer it. Replies land in the news as pongs,
+        stamped with the time the first ping was sent; hostnames asked that did not answer, as
+        noreplies. Returns who answered. BrokerUnreachable when the broker is down."""
+        at = self.clock()
+        answered: set[str] = set()
+        if broadcast > 0:
+            answered |= broadcast_ping(self.app, broadcast, self.timeout)
+        wanted = set(hostnames)
+        rest = wanted - answered
+        if rest:
+            answered |= ping(self.app, rest, self.timeout)
+        with self._cond:
+            for h in answered:
+                self._news.pongs[h] = max(at, self._news.pongs.get(h, at))
+            for h in wanted - answered:
+                self._news.noreplies[h] = at
+        return answered
+
+    def census_now(self, hostnames: Iterable[str]) -> None:
+        """For `once`: a targeted ``active_queues`` of workers known to live (returns once all
+        replied), recorded as a census (what each consumes)."""
+        wanted = sorted(set(hostnames))
+        at = self.clock()
+        replies = _targeted(self.app, "active_queues", wanted, self.timeout) if wanted else {}
+        with self._cond:
+            for h, qs in replies.items():
+                names = frozenset(q["name"] for q in (qs or []) if isinstance(q, dict) and isinstance(q.get("name"), str))
+                self._news.pongs[h] = max(at, self._news.pongs.get(h, at))
+                self._news.queues[h] = WorkerQueues(at, names)
+            self._news.census_at = at
+            self.censuses += 1
 
     def collect(self) -> ControlNews:
         with self._cond:
@@ -281,6 +331,8 @@ class Control:
                     self._news.error = error
                 self._in_flight = set()
                 self._cond.notify_all()
+            if answered is not None and self.on_ping_done is not None:
+                self.on_ping_done()
 
     def _census_lane(self) -> None:
         while True:

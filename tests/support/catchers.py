@@ -99,17 +99,21 @@ class HttpCatcher:
                     with catcher._lock:
                         catcher.hanging -= 1
                 payload = b'{"ok": true}' if status < 400 else b'{"error": "catcher says no"}'
+                # recorded before the answer is written: the client may read it (and the test look at
+                # the record) before this thread runs again
+                with catcher._lock:
+                    req.status = status
+                    catcher._lock.notify_all()
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
                     self.wfile.write(payload)
-                except OSError:  # the client gave up while we hung
-                    return
-                with catcher._lock:
-                    req.status = status
-                    catcher._lock.notify_all()
+                except OSError:  # the client gave up while we hung: it never got the answer
+                    with catcher._lock:
+                        req.status = None
+                        catcher._lock.notify_all()
 
             do_POST = do_PUT = do_GET = _handle
 

@@ -21,7 +21,7 @@ def test_changes_are_listed_per_setting_and_secrets_never_shown():
     new = cfg(broker={"url": f"redis://:{NEW_PW}@localhost/0"}, loop={"interval": "2s"},
               groups=[{"name": "g", "workers": ["celery@a", "celery@b"], "min_workers": 2},
                       {"name": "g2", "hostnames": ["celery@x-*"]}],
-              queues=[], http={"listen": ":9811"})
+              queues=[], http={"listen": "127.0.0.1:9811"})
     changes = config_changes(old, new)
     assert changes == [
         "queues[q] removed",
@@ -30,7 +30,7 @@ def test_changes_are_listed_per_setting_and_secrets_never_shown():
         "loop.interval: 1.0 -> 2.0",
         "groups[g].workers: ['celery@a'] -> ['celery@a', 'celery@b']",
         "groups[g].min_workers: 1 -> 2",
-        "http.listen: None -> :9811",
+        "http.listen: None -> 127.0.0.1:9811",
     ]
     assert not any(OLD_PW in c or NEW_PW in c for c in changes)
     assert config_changes(old, cfg()) == []

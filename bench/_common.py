@@ -474,3 +474,14 @@ def run_bench(bench, exit_code: Callable[[dict], int]) -> tuple[dict | None, int
         for line in bench.cleanup():
             log(f"cleanup: {line}")
     return res, code
+
+
+def add_kill_args(p) -> None:
+    """The options of the SIGKILL benchmarks (bench/detect.py, bench/detect_docker.py)."""
+    p.add_argument("--trials", type=int, default=10)
+    p.add_argument("--workers", type=int, default=3)
+    p.add_argument("--interval", default="5s", help="loop.interval (default 5s, the config's default)")
+    p.add_argument("--heartbeat-timeout", default="10s")
+    p.add_argument("--timeout", type=float, default=60.0, help="per trial: restart and ping must happen by then")
+    p.add_argument("--ping-timeout", type=float, default=0.1, help="each targeted ping's wait (polling step)")
+    p.add_argument("--settle", type=float, default=3.0, help="seconds of calm before each kill")

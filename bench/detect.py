@@ -57,6 +57,7 @@ from _common import (  # noqa: E402
     PERCENTILE_METHOD,
     Fleet,
     SetupError,
+    add_kill_args,
     fmt_s,
     log,
     log_stamp,
@@ -595,13 +596,7 @@ def print_extra(res: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--trials", type=int, default=10)
-    p.add_argument("--workers", type=int, default=3)
-    p.add_argument("--interval", default="5s", help="loop.interval (default 5s, the config's default)")
-    p.add_argument("--heartbeat-timeout", default="10s")
-    p.add_argument("--timeout", type=float, default=60.0, help="per trial: restart and ping must happen by then")
-    p.add_argument("--ping-timeout", type=float, default=0.1, help="each targeted ping's wait (polling step)")
-    p.add_argument("--settle", type=float, default=3.0, help="seconds of calm before each kill")
+    add_kill_args(p)
     p.add_argument("--supervisor-log-level", default="DEBUG", choices=["DEBUG", "INFO"],
                    help="DEBUG (default) logs one line per tick: gives tick durations and the steady state")
     p.add_argument("--seed", type=int, default=None, help="seed of the random kill phase (default: random)")

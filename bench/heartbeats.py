@@ -14,7 +14,7 @@ Followers, each its own process, all running at the same time against that load:
   kombu-batched  the same, sleeping 50 ms after each batch it reads (its default now on Redis;
            on Redis the supervisor uses `lean`, so this is the escape hatch's cost)
   lean     the supervisor's `RedisHeartbeatSource` (redis-py PSUBSCRIBE on kombu's pattern, RESP2,
-           drain then sleep 50 ms), what `supervisor run` uses on Redis
+           drain then sleep 200 ms), what `supervisor run` uses on Redis
 
 After `--warmup` (15 s), `--rounds` (6) windows of `--window` (10 s): in each window the CPU time
 (utime+stime from /proc, all threads) of every follower over the same wall-clock interval, as % of

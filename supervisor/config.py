@@ -20,6 +20,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     ValidationInfo,
@@ -40,6 +41,7 @@ PLATFORM_REQUIREMENTS = {
 }
 PLACEHOLDERS = {"hostname", "worker", "node"}
 SAMPLE_HOSTNAME = "celery@sample-1"  # templates must render for it (check-config)
+GROUP_CACHE = 100_000  # hostnames whose group is remembered (Config.group_of); then it starts over
 MAX_COUNT = 1_000_000_000  # counts and thresholds (min_workers, warning, ...): beyond it, a typo
 MAX_PING_TIMEOUT = 10.0  # a live worker answers a targeted ping in milliseconds
 MAX_CONNECT_TIMEOUT = 60.0
@@ -596,6 +598,7 @@ class HaConfig(_Model):
 
 class Config(_Model):
     version: Literal[1] = 1
+    _groups_of: dict = PrivateAttr(default_factory=dict)  # hostname -> its group (group_of)
     broker: BrokerConfig
     loop: LoopConfig = Field(default_factory=LoopConfig)
     notify: NotifyConfig = Field(default_factory=NotifyConfig)
@@ -619,14 +622,29 @@ class Config(_Model):
         return next((g for g in self.groups if g.name == name), None)
 
     def group_of(self, hostname: str) -> GroupConfig | None:
-        """The group that names the hostname in its workers, else the first whose globs match it."""
+        """The group that names the hostname in its workers, else the first whose globs match it
+        (remembered per hostname: a tick asks for every worker of the fleet, several times)."""
+        cache = self.__pydantic_private__["_groups_of"]  # not self._groups_of: pydantic's __getattr__, 1 us
+        try:
+            return cache[hostname]
+        except KeyError:
+            pass
+        except TypeError:  # not hashable: no group
+            return None
+        found = None
         for g in self.groups:
             if hostname in g.workers:
-                return g
-        for g in self.groups:
-            if g.matches(hostname):
-                return g
-        return None
+                found = g
+                break
+        else:
+            for g in self.groups:
+                if g.matches(hostname):
+                    found = g
+                    break
+        if len(cache) >= GROUP_CACHE:  # hostnames come from the broker: keep the memory bounded
+            cache.clear()
+        cache[hostname] = found
+        return found
 
     def missing_adapters(self) -> list[tuple[str, str]]:
         """(path, reason) for each group whose platform has no adapter in this version."""

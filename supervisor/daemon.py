@@ -24,7 +24,7 @@ import signal
 import threading
 import time
 
-from supervisor import __version__, redact
+from supervisor import __version__, memory, osthread, redact
 from supervisor.config import Config
 from supervisor.durations import format_duration as fd
 from supervisor.sdnotify import SdNotify
@@ -99,6 +99,7 @@ class Daemon:
             self._ensure_metrics()
 
     def _tick(self) -> None:
+        osthread.name("cs-tick")  # the scheduler's executor thread (the wake thread keeps its own name)
         if self.stopping.is_set():
             return
         with self.tick_lock:
@@ -120,6 +121,7 @@ class Daemon:
         """Run an extra tick soon after a wake (a death the platform reported, a heartbeat deadline
         that passed, a ping round that completed): coalesced (wakes that arrive before it starts are
         served by it) and at most one per wake.MIN_GAP. Never two ticks at once: _tick holds tick_lock."""
+        osthread.name("cs-wake")
         from supervisor.wake import MIN_GAP
 
         last = 0.0
@@ -195,6 +197,7 @@ class Daemon:
         if report.duration > self.cfg.loop.interval:
             log.info("tick took %s, longer than loop.interval %s: the next one starts late",
                      fd(report.duration), fd(self.cfg.loop.interval))
+        memory.trim()  # freed memory back to the system, every 30 s at most (RSS stays flat)
 
     def start(self) -> None:
         from apscheduler.schedulers.background import BackgroundScheduler

@@ -304,6 +304,9 @@ class Lease:
         return leading
 
     def _run(self) -> None:
+        from supervisor import osthread
+
+        osthread.name("cs-lease")
         while True:
             wait = self.period if self.store_error is None else min(self.period, RETRY_AFTER_ERROR)
             if self._stop.wait(wait):

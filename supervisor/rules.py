@@ -50,8 +50,12 @@ def target_of(obs: Observation, group: str, hostname: str) -> Target | None:
 
 
 def _latest(*ts: float | None) -> float | None:
-    known = [t for t in ts if t is not None]
-    return max(known) if known else None
+    """The latest of the known times (None: none known). Called about ten times per worker per tick."""
+    best = None
+    for t in ts:
+        if t is not None and (best is None or t > best):
+            best = t
+    return best
 
 
 def pong_time(obs: Observation, hostname: str) -> float | None:
@@ -208,10 +212,12 @@ def judge_worker(
     noreply = noreply_time(obs, hostname)
     last = last_evidence(obs, hostname)  # heartbeat or pong, whichever is later
     silent = _silence(last, obs)
-    v = WorkerVerdict(hostname, group.name, "unknown", "", explicit, silent, tgt)
+
+    def verdict(status: str = "unknown", reason: str = "", silent_for: float | None = silent) -> WorkerVerdict:
+        return WorkerVerdict(hostname, group.name, status, reason, explicit, silent_for, tgt)
 
     if not obs.broker_ok:
-        return replace(v, reason="broker unreachable: cannot judge")
+        return verdict(reason="broker unreachable: cannot judge")
     offline = _offline(ws, pong)
     fresh = last is not None and not offline and now - last <= ht
     restarted_at, _ = restarts.get(hostname, (None, ""))
@@ -225,54 +231,54 @@ def judge_worker(
                   and (restarted_at is None or pong > restarted_at or not in_grace))
     if pong_fresh and not (tgt is not None and tgt.state in DEAD_STATES and tgt.since is not None
                            and tgt.since > pong):
-        return replace(v, status="alive", reason="answered ping" if pong >= now else f"answered ping {fd(now - pong)} ago")
+        return verdict(status="alive", reason="answered ping" if pong >= now else f"answered ping {fd(now - pong)} ago")
     contradicted = (tgt is not None and tgt.state in DEAD_STATES
                     and _platform_contradicted(tgt, last, offline, group, now))
     if contradicted and not _confirmed(noreply, last, obs, restarted_at):
         # once pinged without a pong, the platform's word stands
-        return replace(v, reason=f"{tgt.id} {tgt.state} but heard from {fd(now - last)} ago: confirming by ping")
+        return verdict(reason=f"{tgt.id} {tgt.state} but heard from {fd(now - last)} ago: confirming by ping")
     if tgt is not None and tgt.state in DEAD_STATES:
         exited_before_restart = restarted_at is not None and (tgt.since is None or tgt.since <= restarted_at)
         if in_grace and exited_before_restart:
-            return replace(v, status="starting", reason=f"restarted {fd(now - restarted_at)} ago")
+            return verdict(status="starting", reason=f"restarted {fd(now - restarted_at)} ago")
         if offline and not explicit:
-            return replace(v, status="retired", reason=f"left gracefully; its target {tgt.state}")
+            return verdict(status="retired", reason=f"left gracefully; its target {tgt.state}")
         what = f" ({tgt.detail})" if tgt.detail else ""
-        return replace(v, status="dead", reason=f"{group.restart.platform if group.restart else 'platform'} "
+        return verdict(status="dead", reason=f"{group.restart.platform if group.restart else 'platform'} "
                        f"reports {tgt.id} {tgt.state}{what}")
     if fresh and (not in_grace or back_since_restart):
-        return replace(v, status="alive", reason=_heard(ws, pong, now))
+        return verdict(status="alive", reason=_heard(ws, pong, now))
     if in_grace:
         if back_since_restart:
-            return replace(v, status="alive", reason="back after restart")
-        return replace(v, status="starting", reason=f"restarted {fd(now - restarted_at)} ago, waiting for it")
+            return verdict(status="alive", reason="back after restart")
+        return verdict(status="starting", reason=f"restarted {fd(now - restarted_at)} ago, waiting for it")
     if tgt is not None and tgt.state == "missing" and not explicit:
-        return replace(v, status="retired", reason=f"its target {tgt.id} no longer exists on the platform")
+        return verdict(status="retired", reason=f"its target {tgt.id} no longer exists on the platform")
     if offline:
         if tgt is not None and tgt.state in ("running", "stopping"):
-            return replace(v, status="stopping", reason="sent worker-offline; process still stopping (warm shutdown)")
+            return verdict(status="stopping", reason="sent worker-offline; process still stopping (warm shutdown)")
         if not explicit:
-            return replace(v, status="retired", reason="left gracefully (worker-offline)")
+            return verdict(status="retired", reason="left gracefully (worker-offline)")
         # an explicit worker that left must come back: judged like a silent one below
     if obs.listening_since is None:
-        return replace(v, reason="heartbeat stream not connected")
+        return verdict(reason="heartbeat stream not connected")
     if settle_until is not None and now < settle_until and not fresh:
         # after a broker outage workers reconnect with their own backoff: silence proves nothing yet
-        return replace(v, reason=f"broker came back; waiting {fd(settle_until - now)} for workers to reconnect")
+        return verdict(reason=f"broker came back; waiting {fd(settle_until - now)} for workers to reconnect")
     if tgt is not None and tgt.state in ("restarting",):
-        return replace(v, status="starting", reason=f"platform is restarting {tgt.id}")
+        return verdict(status="starting", reason=f"platform is restarting {tgt.id}")
     if obs.one_shot:
         silent_enough = last is None or offline or now - last > ht
     else:
         silent_enough = silent is not None and silent > ht
     if not silent_enough:
         if last is None:
-            return replace(v, reason=f"not heard yet (listening for {fd(silent)})")
+            return verdict(reason=f"not heard yet (listening for {fd(silent)})")
         if now - last > ht:
-            return replace(v, reason=f"last heard from {fd(now - last)} ago; listening for only {fd(silent)}")
-        return replace(v, status="alive", reason=_heard(ws, pong, now))
+            return verdict(reason=f"last heard from {fd(now - last)} ago; listening for only {fd(silent)}")
+        return verdict(status="alive", reason=_heard(ws, pong, now))
     if not _confirmed(noreply, last, obs, restarted_at):
-        return replace(v, reason="silent, not yet confirmed by ping")
+        return verdict(reason="silent, not yet confirmed by ping")
     heard = "never heard" if last is None else f"nothing heard for {fd(now - last)}"
     if offline:
         heard = "left (worker-offline)"
@@ -280,21 +286,21 @@ def judge_worker(
         running = f"{tgt.id} is {tgt.state}"
         if obs.one_shot:
             # one pass cannot measure a silence: busy or hung, it cannot tell (the daemon can)
-            return replace(v, status="busy", silent_for=None,
+            return verdict(status="busy", silent_for=None,
                            reason=f"{heard}, no reply to ping, but {running}: busy (a solo pool running a task "
                                   f"answers nothing) or hung; one pass cannot tell for how long")
         if silent < group.hung_timeout:
-            return replace(v, status="busy",
+            return verdict(status="busy",
                            reason=f"busy (a solo pool running a task answers nothing) or hung: {heard}, no reply "
                                   f"to ping, {running}; restarted only after hung_timeout {fd(group.hung_timeout)}")
         hung_at = now - silent + group.hung_timeout  # a ping sent after this confirms it hung
         if noreply < hung_at:
-            return replace(v, status="busy", reason=f"{heard}, {running}: hung_timeout {fd(group.hung_timeout)} "
+            return verdict(status="busy", reason=f"{heard}, {running}: hung_timeout {fd(group.hung_timeout)} "
                                                     f"reached; confirming by ping before a restart")
-        return replace(v, status="unresponsive", reason=f"{heard}, no reply to ping for hung_timeout "
+        return verdict(status="unresponsive", reason=f"{heard}, no reply to ping for hung_timeout "
                                                         f"{fd(group.hung_timeout)}, but {running}")
     where = f", {tgt.id} {tgt.state}" if tgt is not None and tgt.state != "unknown" else ""
-    return replace(v, status="lost", reason=f"{heard}, no reply to ping{where}")
+    return verdict(status="lost", reason=f"{heard}, no reply to ping{where}")
 
 
 def _heard(ws: WorkerSeen | None, pong: float | None, now: float) -> str:

@@ -42,6 +42,25 @@ SCHEMA_VERSION = 1
 HISTORY_KEEP = 7 * 86400.0  # restart rows older than this are pruned
 OUTBOX_KEEP = 86400.0  # delivered / given-up outbox rows are kept this long (status)
 BUSY_TIMEOUT_MS = 5000
+# SQLite's page cache per connection: its default (2 MiB) fills slowly as the status document is
+# rewritten every tick, a daemon's RSS creeping up for hours; the file's hot pages fit in this
+CACHE_KIB = 512
+
+
+def _dumps(value: Any) -> str:
+    """Compact JSON of a memory value (the status document of a 500-worker fleet every tick): orjson
+    where it can (a tenth of the time; a NaN becomes null, valid JSON), the stdlib's json for what
+    orjson refuses (an integer past 64 bits) or where it is not installed."""
+    try:
+        import orjson
+    except ImportError:  # pragma: no cover - orjson is a dependency
+        orjson = None
+    if orjson is not None:
+        try:
+            return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+        except (TypeError, orjson.JSONEncodeError):
+            pass
+    return json.dumps(value, separators=(",", ":"))
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS memory (name TEXT PRIMARY KEY, value TEXT NOT NULL, updated REAL NOT NULL);
@@ -136,6 +155,7 @@ class StateStore:
             db = sqlite3.connect(str(self.path), timeout=self.busy_timeout, check_same_thread=False,
                                  isolation_level=None)
         db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+        db.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
         return db
 
     def _check(self, db: sqlite3.Connection) -> str | None:
@@ -258,7 +278,7 @@ class StateStore:
         with self._lock, self._tx() as db:
             for name, value in memory.items():
                 db.execute("INSERT OR REPLACE INTO memory (name, value, updated) VALUES (?, ?, ?)",
-                           (name, json.dumps(value, separators=(",", ":")), now))
+                           (name, _dumps(value), now))
             for msg_id, channel, message in outbox:
                 db.execute("INSERT OR IGNORE INTO outbox (msg_id, channel, message, created, next_at) "
                            "VALUES (?, ?, ?, ?, ?)", (msg_id, channel, json.dumps(message), now, now))

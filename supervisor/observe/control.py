@@ -297,7 +297,13 @@ class Control:
         t = self._threads.get(name)
         if self._stopping or (t is not None and t.is_alive()):
             return
-        t = threading.Thread(target=target, name=f"control:{name}", daemon=True)
+        def run() -> None:
+            from supervisor import osthread
+
+            osthread.name(f"cs-{name}")
+            target()
+
+        t = threading.Thread(target=run, name=f"control:{name}", daemon=True)
         self._threads[name] = t
         t.start()
 

@@ -132,10 +132,15 @@ def apply_event(rec: WorkerRecord, kind: str, event: dict, now: float) -> None:
     if kind == "worker-online":
         rec.online_at = now
     get = event.get
-    rec.active = _int(get("active"), rec.active)
-    rec.processed = _int(get("processed"), rec.processed)
-    rec.pid = _int(get("pid"), rec.pid)
-    rec.freq = _float(get("freq"), rec.freq)
+    # the common case (what celery sends) without a call; anything else through _int / _float
+    v = get("active")
+    rec.active = v if type(v) is int else _int(v, rec.active)
+    v = get("processed")
+    rec.processed = v if type(v) is int else _int(v, rec.processed)
+    v = get("pid")
+    rec.pid = v if type(v) is int else _int(v, rec.pid)
+    v = get("freq")
+    rec.freq = v if type(v) is float else _float(v, rec.freq)
 
 
 class ThreadedSource(HeartbeatSource):
@@ -214,26 +219,43 @@ class ThreadedSource(HeartbeatSource):
 
     # ------------------------------------------------------------------ events
     def _on_worker_event(self, event: dict) -> None:
-        kind = event.get("type", "")
-        hostname = event.get("hostname")
-        if not hostname:
-            return
-        # a hostname already on record was accepted then: checked once, not on every heartbeat
-        if not (type(hostname) is str and hostname in self._workers) and not self._refusals.accept(hostname):
-            return
-        now = self.clock()
+        self._on_worker_events((event,))
+
+    def _on_worker_events(self, events, stamp: float | None = None) -> None:
+        """Worker events read together (one drain of the stream): stamped ``stamp`` (a time on our
+        clock no later than their arrival; None: now), applied under one acquisition of the lock;
+        callbacks run after it is released."""
+        workers, accept = self._workers, self._refusals.accept
+        now = self.clock() if stamp is None else stamp
+        heard: list[str] = []
+        told: list[tuple[str, str]] | None = [] if self.on_event is not None else None
         with self._lock:
-            rec = self._workers.get(hostname)
-            if rec is None:
-                rec = self._workers[hostname] = WorkerRecord(hostname)
-            back = rec.last_heartbeat is None or rec.offline_at is not None or kind == "worker-online"
-            apply_event(rec, kind, event, now)
-        if back and self.on_heard is not None and kind != "worker-offline":
-            try:  # first heard, or back: its heartbeat deadline starts (wake.py)
-                self.on_heard(hostname, now)
-            except Exception:  # the stream must never stop for it; the next tick sets the deadline
-                log.exception("heartbeat on_heard callback failed")
-        self._narrate(kind, hostname, now)
+            for event in events:
+                hostname = event.get("hostname")
+                if not hostname:
+                    continue
+                # a hostname already on record was accepted then: checked once, not on every heartbeat
+                rec = workers.get(hostname) if type(hostname) is str else None
+                if rec is None:
+                    if not accept(hostname):
+                        continue
+                    rec = workers[hostname] = WorkerRecord(hostname)
+                kind = event.get("type", "")
+                if (rec.last_heartbeat is None or rec.offline_at is not None or kind == "worker-online") \
+                        and kind != "worker-offline":
+                    heard.append(hostname)  # first heard, or back: its heartbeat deadline starts (wake.py)
+                apply_event(rec, kind, event, now)
+                if told is not None:
+                    told.append((kind, hostname))
+        if heard and self.on_heard is not None:
+            for hostname in heard:
+                try:
+                    self.on_heard(hostname, now)
+                except Exception:  # the stream must never stop for it; the next tick sets the deadline
+                    log.exception("heartbeat on_heard callback failed")
+        if told:
+            for kind, hostname in told:
+                self._narrate(kind, hostname, now)
 
     def _on_other_event(self, event: dict) -> None:
         self.other_events += 1
@@ -267,6 +289,9 @@ class ThreadedSource(HeartbeatSource):
         log.info("listening to worker heartbeats on %s", self.display)
 
     def _run(self) -> None:
+        from supervisor import osthread
+
+        osthread.name("cs-heartbeats")
         delay = self.backoff[0]
         while not self._stop.is_set():
             try:

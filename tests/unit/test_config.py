@@ -339,3 +339,27 @@ class TestLoading:
         with pytest.raises(ConfigError) as e:
             load_config(p, env={})
         assert e.value.source == str(p) and e.value.errors[0][0] == "loop.interval"
+
+
+def test_group_of_is_remembered_per_hostname_and_stays_bounded(monkeypatch):
+    """A tick asks for the group of every worker several times: the answer is remembered, is the same
+    as the rules give (explicit workers first, then the first glob), and hostnames from the broker
+    (anyone can forge them) cannot grow the memory without bound."""
+    import supervisor.config as config_module
+
+    cfg = parse_config({"broker": {"url": "redis://h:6379/0"}, "groups": [
+        {"name": "a", "hostnames": ["celery@web-*"]},
+        {"name": "b", "hostnames": ["celery@*"], "workers": ["celery@web-9"]},
+    ]}, env={})
+    cases = {"celery@web-1": "a", "celery@web-9": "b", "celery@batch-1": "b", "other@web-1": None}
+    for _ in range(2):  # computed, then remembered: the same answers
+        assert {h: getattr(cfg.group_of(h), "name", None) for h in cases} == cases
+    assert cfg.group_of(["not", "hashable"]) is None
+    monkeypatch.setattr(config_module, "GROUP_CACHE", 10)
+    for i in range(1000):
+        assert cfg.group_of(f"celery@forged-{i}").name == "b"
+    assert len(cfg.__pydantic_private__["_groups_of"]) <= 10
+    assert cfg.group_of("celery@web-1").name == "a"
+    other = parse_config({"broker": {"url": "redis://h:6379/0"}, "groups": [{"name": "c", "hostnames": ["*"]}]},
+                         env={})
+    assert other.group_of("celery@web-1").name == "c"  # one memory per config (a reload starts afresh)

@@ -142,3 +142,18 @@ def test_a_locked_database_is_an_error_never_moved_aside(tmp_path):
     finally:
         holder.execute("ROLLBACK")
     assert StateStore(p).load_memory() == {}
+
+
+def test_memory_values_keep_what_json_keeps(tmp_path):
+    """The status document is encoded with orjson; what orjson refuses (an integer past 64 bits) falls
+    back to the stdlib, a NaN is stored as null (valid JSON for /status), and non-string keys as strings."""
+    s = StateStore(tmp_path / "state.db", clock=Clock())
+    doc = {"workers": [{"hostname": "celery@w-1", "alive": True, "processed": 12, "silent_for": 1.5, "x": None}],
+           "é": "ünïcode"}
+    s.save({"status": doc, "big": {"n": 2**70}, "nan": {"f": float("nan")}, "keys": {3: "three"}})
+    s.close()
+    mem = StateStore(tmp_path / "state.db", clock=Clock()).load_memory()
+    assert mem["status"] == doc
+    assert mem["big"] == {"n": 2**70}
+    assert mem["nan"] == {"f": None}
+    assert mem["keys"] == {"3": "three"}

@@ -47,7 +47,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # bench/_common.py, however this file is run
 sys.path.insert(0, str(HERE.parent))  # the supervisor package from this tree
-from _common import log, proc_cpu, proc_status_kb  # noqa: E402
+from _common import HZ, log, proc_cpu, proc_status_kb, stop_supervisor  # noqa: E402
 from heartbeats import Child, parse_seconds, run_follower  # noqa: E402
 
 REPORT_EVERY = 2.0
@@ -102,7 +102,7 @@ def run_load(url: str, workers: range, task_rate: float, task_batch: int) -> Non
         time.sleep(max(0.0, 0.02 - (t - start - now)))
 
 
-def load_rates(children: list[Child], marks: list[tuple[dict, dict]]) -> dict:
+def load_rates(marks: list[tuple[dict, dict]]) -> dict:
     """Heartbeats and task events per second the load processes achieved between two readings each."""
     hb = task = 0.0
     for before, after in marks:
@@ -131,8 +131,6 @@ def write_config(tmp: Path, url: str, workers: int, interval: str) -> Path:
 def thread_cpu(pid: int) -> dict[str, float]:
     """CPU seconds per thread name (the supervisor names its own threads, supervisor/osthread.py; the
     rest show as the interpreter's name), summed over the threads of one name."""
-    from _common import HZ
-
     out: dict[str, float] = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
@@ -206,7 +204,7 @@ def measure(a, tmp: Path) -> dict:
             ratio = cpu["supervisor"][-1] / cpu["celery"][-1] if cpu["celery"][-1] else float("nan")
             log(f"window {n + 1}/{a.rounds}: supervisor {cpu['supervisor'][-1]:.2f}%, celery "
                 f"{cpu['celery'][-1]:.2f}% ({ratio:.2f}x); supervisor RSS {rss[-1]:.1f} MB")
-        rates = load_rates(loads, list(zip(marks0, [dict(c.last) for c in loads], strict=True)))
+        rates = load_rates(list(zip(marks0, [dict(c.last) for c in loads], strict=True)))
         alive, known, why = status_alive(config)
         ratios = [s / c for s, c in zip(cpu["supervisor"], cpu["celery"], strict=True) if c > 0]
         return {
@@ -230,8 +228,6 @@ def measure(a, tmp: Path) -> dict:
         for c in reversed(children):
             c.stop()
         if sup is not None and sup.poll() is None:
-            from _common import stop_supervisor
-
             stop_supervisor(sup)
         sup_log.close()
         server.close()

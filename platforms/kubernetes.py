@@ -40,9 +40,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import os
 import shlex
 import threading
+import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +54,8 @@ from supervisor.config import KubernetesPlatform, KubernetesRestart
 from supervisor.hostnames import resource_name_problem
 from supervisor.hostnames import shown as shown_hostname
 from supervisor.model import RestartResult, Target
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from supervisor.config import Config, GroupConfig
@@ -566,12 +570,8 @@ class Adapter(Platform):
             t.start()
 
     def _follow_pods(self, ns: str, restarts: list[KubernetesRestart], wake) -> None:
-        import logging
-        import time
-
         from supervisor.model import DEAD_STATES
 
-        log = logging.getLogger(__name__)
         # one selector for the API server only when every group of the namespace has the same one; the
         # labels are checked here again in any case (a server or proxy may not apply it)
         selectors = {selector_text(r.selector) for r in restarts}
@@ -657,8 +657,6 @@ class Adapter(Platform):
 
     def close(self) -> None:
         self._watch_stop.set()
-        import time
-
         # Watch.stop() shuts the socket of an open watch down, which unblocks its thread's read at once;
         # a watch whose request is not out yet cannot be stopped so: stop again until the threads end
         deadline = time.monotonic() + 5.0
